@@ -1,0 +1,168 @@
+//! The one map from errors to HTTP responses.
+//!
+//! Management routes answer `{"error","code","details"}` (llamactl's format); `/v1` routes answer
+//! OpenAI's `{"error":{"message","type","param","code"}}`, which its clients parse. Both come
+//! from the same [`ApiError`], so a status code is decided in one place.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::engine::EngineError;
+use crate::instance::InstanceError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// Stable machine-readable code, e.g. `INSTANCE_NOT_FOUND`.
+    pub code: &'static str,
+    pub message: String,
+    pub details: String,
+    /// The request field at fault, when there is one (OpenAI's `param`).
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), details: String::new(), param: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+
+    pub fn with_details(mut self, details: impl Into<String>) -> Self {
+        self.details = details.into();
+        self
+    }
+
+    pub fn with_param(mut self, param: &'static str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", what)
+    }
+
+    fn log_if_internal(&self) {
+        if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(code = self.code, details = %self.details, "{}", self.message);
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log_if_internal();
+        let details = if self.status == StatusCode::INTERNAL_SERVER_ERROR { String::new() } else { self.details };
+        let body = json!({ "error": self.message, "code": self.code, "details": details });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// The same error, in OpenAI's shape.
+#[derive(Debug)]
+pub struct OpenAiError(pub ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        OpenAiError(e)
+    }
+}
+
+impl OpenAiError {
+    pub fn body(&self) -> serde_json::Value {
+        let e = &self.0;
+        let kind = match e.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "invalid_request_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let mut message = e.message.clone();
+        if !e.details.is_empty() && !e.status.is_server_error() {
+            message = format!("{message}: {}", e.details);
+        }
+        json!({ "error": { "message": message, "type": kind, "param": e.param, "code": e.code.to_ascii_lowercase() } })
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        self.0.log_if_internal();
+        (self.0.status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<InstanceError> for ApiError {
+    fn from(e: InstanceError) -> Self {
+        use InstanceError::*;
+        let (status, code) = match &e {
+            NotFound(_) => (StatusCode::NOT_FOUND, "INSTANCE_NOT_FOUND"),
+            AlreadyExists(_) => (StatusCode::CONFLICT, "INSTANCE_EXISTS"),
+            InvalidName(_) => (StatusCode::BAD_REQUEST, "INVALID_NAME"),
+            InvalidOptions(_) => (StatusCode::BAD_REQUEST, "INVALID_OPTIONS"),
+            ModelNotFound(_) => (StatusCode::BAD_REQUEST, "MODEL_NOT_FOUND"),
+            Transition { .. } => (StatusCode::CONFLICT, "INVALID_STATE"),
+            NotRunning { .. } => (StatusCode::SERVICE_UNAVAILABLE, "INSTANCE_NOT_RUNNING"),
+            Busy { .. } => (StatusCode::CONFLICT, "INSTANCE_BUSY"),
+        };
+        let message = match &e {
+            NotFound(_) => "Instance not found",
+            AlreadyExists(_) => "Instance already exists",
+            InvalidName(_) => "Invalid instance name",
+            InvalidOptions(_) => "Invalid instance options",
+            ModelNotFound(_) => "Model file not found",
+            Transition { .. } => "Operation not allowed in the instance's current state",
+            NotRunning { .. } => "Instance is not running",
+            Busy { .. } => "Instance is in use",
+        };
+        ApiError::new(status, code, message).with_details(e.to_string())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use EngineError::*;
+        let (status, code, message) = match &e {
+            PromptTooLong { .. } => (StatusCode::BAD_REQUEST, "CONTEXT_LENGTH_EXCEEDED", "The prompt does not fit the context"),
+            EmptyPrompt => (StatusCode::BAD_REQUEST, "EMPTY_PROMPT", "The prompt is empty"),
+            InvalidToken { .. } => (StatusCode::BAD_REQUEST, "INVALID_TOKEN", "Invalid token id in the prompt"),
+            Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "OVERLOADED", "The instance is overloaded"),
+            Stopped => (StatusCode::SERVICE_UNAVAILABLE, "INSTANCE_NOT_RUNNING", "Instance is not running"),
+            Load { .. } | LoadCancelled | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ENGINE_ERROR", "Engine error"),
+            Decode(_) | IncompleteGeneration => (StatusCode::INTERNAL_SERVER_ERROR, "GENERATION_FAILED", "Generation failed"),
+        };
+        ApiError::new(status, code, message).with_details(e.to_string())
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    ApiError::new(rejection.status(), "INVALID_JSON", "Invalid request body").with_details(rejection.body_text())
+}
+
+/// `axum::Json`, but a bad body becomes an [`ApiError`] in our format.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::Json::<T>::from_request(req, state).await.map(|axum::Json(v)| Json(v)).map_err(json_rejection)
+    }
+}
+
+/// `axum::Json` for `/v1` routes: a bad body becomes an OpenAI error.
+pub struct OaiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OaiJson<T> {
+    type Rejection = OpenAiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::Json::<T>::from_request(req, state).await.map(|axum::Json(v)| OaiJson(v)).map_err(|r| OpenAiError(json_rejection(r)))
+    }
+}

@@ -1,0 +1,67 @@
+//! The HTTP surface.
+//!
+//! # Layout
+//! - [`instances`]: instance management (`/api/instances…`, also under `/api/v1`).
+//! - [`openai`]: OpenAI-compatible routes (`/v1/…`).
+//! - [`system`]: server information and health.
+//! - [`error`]: the one error → response map, and JSON extractors that use it.
+//!
+//! [`app`] builds the router from an [`AppState`]; [`serve`] runs it until a shutdown future
+//! resolves. Both are library functions so tests can drive them on a port-0 listener.
+
+pub mod error;
+pub mod instances;
+pub mod openai;
+pub mod system;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::Uri;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::instance::Registry;
+use error::{ApiError, OpenAiError};
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Registry,
+    pub config: Arc<Config>,
+    pub started: Instant,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Self {
+        AppState { registry: Registry::new(), config: Arc::new(config), started: Instant::now() }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    let management = instances::routes().merge(system::routes());
+    Router::new()
+        .nest("/api", management.clone())
+        // llamactl's own prefix, so its clients work unchanged.
+        .nest("/api/v1", management)
+        .nest("/v1", openai::routes().fallback(openai_not_found))
+        .merge(system::root_routes())
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found("Not found").with_details(format!("no route for {}", uri.path()))
+}
+
+async fn openai_not_found(uri: Uri) -> OpenAiError {
+    OpenAiError(ApiError::not_found(format!("Unknown endpoint {}", uri.path())))
+}
+
+/// Serves `app(state)` on `listener` until `shutdown` resolves, then waits for open
+/// connections (streams end when their instances stop).
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,396 @@
+//! The engine: everything that touches llama.cpp, and nothing else does.
+//!
+//! # Layout
+//! - [`worker`]: the dedicated OS thread that owns one `LlamaModel` + `LlamaContext` and runs
+//!   the decode loop. Nothing outside that thread ever holds a llama.cpp object.
+//! - [`scheduler`]: pure slot placement (prefix reuse) and batch planning.
+//! - [`sampling`]: request parameters → sampler chain.
+//! - [`text`]: UTF-8 assembly and stop strings.
+//! - [`chat`]: chat templates (Jinja, from the GGUF), rendered on the HTTP side.
+//!
+//! [`Engine`] is the cheap, cloneable handle the rest of paddock uses; [`EngineThread`] owns the
+//! thread and joins it on shutdown. A request reaches the worker as an [`EngineCommand`] over an
+//! unbounded channel (bounded in effect by the admission semaphore) and its output comes back over
+//! its own channel as [`StreamEvent`]s.
+
+pub mod chat;
+pub mod sampling;
+pub mod scheduler;
+pub mod text;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::llama_backend::LlamaBackend;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::logs::LogBuffer;
+pub use sampling::SamplingParams;
+
+/// Everything an engine thread needs to load a model and serve it. Plain data: built by the
+/// instance layer from validated options.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Instance name, for the thread name and log attribution.
+    pub name: String,
+    pub model_path: PathBuf,
+    /// Total context (all slots). None: 4096 per slot, capped at the model's training context.
+    pub n_ctx: Option<u32>,
+    pub n_threads: i32,
+    pub n_threads_batch: i32,
+    pub n_gpu_layers: u32,
+    /// Slots = llama.cpp sequences decoded together.
+    pub n_parallel: u32,
+    /// Most tokens in one decode call.
+    pub n_batch: u32,
+    /// Requests allowed to wait for a slot; past that they are refused (503).
+    pub queue_size: u32,
+    /// Default seed of requests that give none; None = random per request.
+    pub seed: Option<u32>,
+    pub logs: Arc<LogBuffer>,
+    /// Set to abandon a load in progress (llama.cpp's progress callback checks it).
+    pub cancel_load: Arc<AtomicBool>,
+}
+
+/// What the engine tells the world once the model is loaded.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub n_ctx: u32,
+    /// Context each slot may use: prompt + generated tokens.
+    pub n_ctx_slot: u32,
+    pub n_ctx_train: u32,
+    pub n_parallel: u32,
+    pub n_batch: u32,
+    pub n_vocab: i32,
+    pub n_params: u64,
+    pub size_bytes: u64,
+    pub architecture: Option<String>,
+    pub description: Option<String>,
+    /// The GGUF's `tokenizer.chat_template`, if any.
+    #[serde(skip)]
+    pub chat_template: Option<String>,
+    #[serde(skip)]
+    pub bos_token: String,
+    #[serde(skip)]
+    pub eos_token: String,
+    /// Whether tokenizing adds BOS (so a template's own leading BOS text must be stripped).
+    #[serde(skip)]
+    pub add_bos: bool,
+    pub load_ms: u64,
+}
+
+/// The prompt of a generation request.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Text, tokenized with special tokens parsed and BOS added as the vocabulary asks.
+    Text(String),
+    /// Token ids given by the client; checked against the vocabulary before use.
+    Tokens(Vec<i32>),
+}
+
+/// A validated generation request (built by the API layer).
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// None: until the end of the slot's context or an end-of-generation token.
+    pub max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// Prompt tokens whose KV was reused instead of decoded.
+    pub cached_tokens: u32,
+    pub prompt_ms: f64,
+    pub generation_ms: f64,
+}
+
+/// What a request's channel carries.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// Validated and queued (or placed): the prompt fits; streaming may begin.
+    Accepted { prompt_tokens: u32 },
+    /// Newly complete text (may be empty when a token only started a character or a stop string).
+    Token { text: String, id: i32 },
+    Done { finish_reason: FinishReason, usage: Usage },
+}
+
+pub type EventSender = mpsc::UnboundedSender<Result<StreamEvent, EngineError>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("failed to load model {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("model load was cancelled")]
+    LoadCancelled,
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    #[error("the prompt has {n_prompt} tokens, but a slot's context holds {n_ctx_slot} (context_size / parallel); at least one token must be left to generate")]
+    PromptTooLong { n_prompt: usize, n_ctx_slot: u32 },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {token} is outside the vocabulary (0..{n_vocab})")]
+    InvalidToken { token: i32, n_vocab: i32 },
+    #[error("all {slots} slots are busy and {queued} requests are already waiting; try again later")]
+    Overloaded { slots: u32, queued: u32 },
+    #[error("the instance is stopping or stopped")]
+    Stopped,
+    #[error("llama.cpp decode failed: {0}")]
+    Decode(String),
+    #[error("the engine ended the generation without finishing it")]
+    IncompleteGeneration,
+}
+
+/// Counters the worker updates and anyone may read. Relaxed atomics: they are statistics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub requests_total: AtomicU64,
+    pub prompt_tokens_total: AtomicU64,
+    pub prompt_tokens_cached_total: AtomicU64,
+    pub generated_tokens_total: AtomicU64,
+    pub decode_calls_total: AtomicU64,
+    /// Largest number of distinct sequences seen in one decode call: > 1 proves batching.
+    pub max_batch_sequences: AtomicU64,
+    pub slots_busy: AtomicU64,
+    pub queued: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StatsSnapshot {
+    pub requests_total: u64,
+    pub prompt_tokens_total: u64,
+    pub prompt_tokens_cached_total: u64,
+    pub generated_tokens_total: u64,
+    pub decode_calls_total: u64,
+    pub max_batch_sequences: u64,
+    pub slots_busy: u64,
+    pub queued: u64,
+}
+
+impl EngineStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            requests_total: r(&self.requests_total),
+            prompt_tokens_total: r(&self.prompt_tokens_total),
+            prompt_tokens_cached_total: r(&self.prompt_tokens_cached_total),
+            generated_tokens_total: r(&self.generated_tokens_total),
+            decode_calls_total: r(&self.decode_calls_total),
+            max_batch_sequences: r(&self.max_batch_sequences),
+            slots_busy: r(&self.slots_busy),
+            queued: r(&self.queued),
+        }
+    }
+}
+
+pub(crate) enum EngineCommand {
+    Generate { request: GenerateRequest, events: EventSender, permit: OwnedSemaphorePermit },
+    /// A round trip through the decode loop, for health checks.
+    Ping(oneshot::Sender<()>),
+    Shutdown,
+}
+
+/// Cheap handle to a running engine. Cloned into every request handler.
+#[derive(Clone)]
+pub struct Engine {
+    tx: mpsc::UnboundedSender<EngineCommand>,
+    permits: Arc<Semaphore>,
+    info: Arc<ModelInfo>,
+    stats: Arc<EngineStats>,
+    queue_size: u32,
+}
+
+/// Owns the engine thread; `shutdown` stops and joins it.
+pub struct EngineThread {
+    engine: Engine,
+    join: Option<JoinHandle<()>>,
+}
+
+/// Why an engine thread ended, reported once through [`EngineThread::start`]'s `exited` channel.
+pub type ExitReport = Result<(), String>;
+
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+/// The process-wide llama.cpp backend, initialised on first use. llama.cpp's logs are sent to
+/// `tracing` before it starts, so nothing goes raw to stderr.
+pub fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(true));
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Config(format!("llama.cpp backend: {e}")))
+}
+
+impl EngineThread {
+    /// Spawns the engine thread and waits (without blocking the runtime) until the model is
+    /// loaded or the load failed. `exited` fires when the thread ends, with why.
+    pub async fn start(config: EngineConfig) -> Result<(EngineThread, oneshot::Receiver<ExitReport>), EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (exit_tx, exit_rx) = oneshot::channel();
+        let stats = Arc::new(EngineStats::default());
+        let queue_size = config.queue_size;
+        let n_permits = (config.n_parallel + config.queue_size) as usize;
+        let thread_stats = stats.clone();
+        let span = tracing::info_span!("instance", name = %config.name);
+        let join = std::thread::Builder::new()
+            .name(format!("engine-{}", config.name))
+            .spawn(move || {
+                let _entered = span.enter();
+                crate::logs::route_thread_to(config.logs.clone());
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker::run(config, rx, ready_tx, thread_stats)
+                }));
+                let report = match outcome {
+                    Ok(r) => r,
+                    Err(panic) => Err(panic_message(&panic)),
+                };
+                if let Err(reason) = &report {
+                    tracing::error!("engine thread ended: {reason}");
+                }
+                let _ = exit_tx.send(report);
+            })
+            .map_err(|e| EngineError::Config(format!("cannot spawn engine thread: {e}")))?;
+        let info = match ready_rx.await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                let _ = join.join();
+                return Err(e);
+            }
+            Err(_) => {
+                // The thread died before answering: it panicked during load.
+                let _ = join.join();
+                let reason = exit_rx.await.ok().and_then(|r| r.err()).unwrap_or_else(|| "engine thread died".into());
+                return Err(EngineError::Load { path: String::new(), reason });
+            }
+        };
+        let engine = Engine {
+            tx,
+            permits: Arc::new(Semaphore::new(n_permits)),
+            info: Arc::new(info),
+            stats,
+            queue_size,
+        };
+        Ok((EngineThread { engine, join: Some(join) }, exit_rx))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Asks the worker to stop (in-flight requests end with [`EngineError::Stopped`]) and joins
+    /// it, waiting at most `deadline`. Blocking: call from a blocking context.
+    pub fn shutdown(mut self, deadline: Duration) -> bool {
+        let _ = self.engine.tx.send(EngineCommand::Shutdown);
+        let Some(join) = self.join.take() else { return true };
+        let start = Instant::now();
+        while !join.is_finished() {
+            if start.elapsed() > deadline {
+                tracing::warn!("engine thread did not stop within {deadline:?}; leaving it detached");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = join.join();
+        true
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        // Not joined here: Drop may run on an async thread. The worker exits on its own once it
+        // sees Shutdown or the channel closing.
+        let _ = self.engine.tx.send(EngineCommand::Shutdown);
+    }
+}
+
+impl Engine {
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Admits a request and waits until the worker has validated it (tokenized, within the
+    /// context). Errors here happen before any response byte is sent, so they get real statuses.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| EngineError::Overloaded {
+            slots: self.info.n_parallel,
+            queued: self.queue_size,
+        })?;
+        let (events, mut rx) = mpsc::unbounded_channel();
+        self.tx.send(EngineCommand::Generate { request, events, permit }).map_err(|_| EngineError::Stopped)?;
+        match rx.recv().await {
+            Some(Ok(StreamEvent::Accepted { prompt_tokens })) => Ok(Generation { rx, prompt_tokens }),
+            Some(Ok(_)) => Err(EngineError::IncompleteGeneration),
+            Some(Err(e)) => Err(e),
+            None => Err(EngineError::Stopped),
+        }
+    }
+
+    /// A round trip through the engine's loop; false if it did not answer within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(EngineCommand::Ping(tx)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+}
+
+/// An admitted request's output. Dropping it cancels the request: the worker notices the
+/// closed channel at its next step and frees the slot.
+pub struct Generation {
+    rx: mpsc::UnboundedReceiver<Result<StreamEvent, EngineError>>,
+    pub prompt_tokens: u32,
+}
+
+impl Generation {
+    /// The next event; `None` once `Done` was delivered (or the engine went away, which callers
+    /// see as [`EngineError::IncompleteGeneration`] if no `Done` came).
+    pub async fn next(&mut self) -> Option<Result<StreamEvent, EngineError>> {
+        self.rx.recv().await
+    }
+
+    /// Runs the generation to the end and returns its whole text.
+    pub async fn collect(mut self) -> Result<(String, FinishReason, Usage), EngineError> {
+        let mut text = String::new();
+        while let Some(event) = self.next().await {
+            match event? {
+                StreamEvent::Token { text: t, .. } => text.push_str(&t),
+                StreamEvent::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
+                StreamEvent::Accepted { .. } => {}
+            }
+        }
+        Err(EngineError::IncompleteGeneration)
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("panic: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("panic: {s}")
+    } else {
+        "panic".into()
+    }
+}

@@ -1,0 +1,140 @@
+//! Instance options as users write them (seed names and llama-server's names), and their
+//! validation into an engine configuration.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+use crate::logs::LogBuffer;
+
+/// Options of an instance. Every field is optional; unset fields take the defaults below.
+/// Unknown names are refused (with the list of known ones) rather than silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceOptions {
+    /// Total context in tokens, shared by the slots (each gets context_size / parallel).
+    #[serde(alias = "ctx_size", alias = "n_ctx", skip_serializing_if = "Option::is_none")]
+    pub context_size: Option<u32>,
+    #[serde(alias = "n_threads", skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    #[serde(alias = "n_threads_batch", skip_serializing_if = "Option::is_none")]
+    pub threads_batch: Option<u32>,
+    /// Layers offloaded to a GPU; -1 (the default) = all, a no-op on CPU-only builds.
+    #[serde(alias = "n_gpu_layers", alias = "ngl", skip_serializing_if = "Option::is_none")]
+    pub gpu_layers: Option<i64>,
+    /// Slots decoded together (llama-server's `-np`).
+    #[serde(alias = "n_parallel", alias = "np", skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+    #[serde(alias = "n_batch", alias = "batch", skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// Requests that may wait for a slot before new ones are refused with 503.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u32>,
+    /// Default sampling seed; -1 = random per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+}
+
+pub const DEFAULT_PARALLEL: u32 = 4;
+pub const DEFAULT_BATCH: u32 = 2048;
+pub const DEFAULT_QUEUE: u32 = 64;
+
+impl InstanceOptions {
+    /// Checks every field's range; the message names the field and the limit.
+    pub fn validate(&self) -> Result<(), String> {
+        fn range<T: PartialOrd + std::fmt::Display + Copy>(name: &str, v: Option<T>, lo: T, hi: T) -> Result<(), String> {
+            match v {
+                Some(v) if v < lo || v > hi => Err(format!("{name} must be between {lo} and {hi}, got {v}")),
+                _ => Ok(()),
+            }
+        }
+        range("context_size", self.context_size, 16, 1 << 24)?;
+        range("threads", self.threads, 1, 1024)?;
+        range("threads_batch", self.threads_batch, 1, 1024)?;
+        range("gpu_layers", self.gpu_layers, -1, 1 << 20)?;
+        range("parallel", self.parallel, 1, 256)?;
+        range("batch_size", self.batch_size, 1, 1 << 20)?;
+        range("queue_size", self.queue_size, 0, 1 << 20)?;
+        range("seed", self.seed, -1, u32::MAX as i64)?;
+        let parallel = self.parallel.unwrap_or(DEFAULT_PARALLEL);
+        if let Some(ctx) = self.context_size {
+            if ctx / parallel < 16 {
+                return Err(format!(
+                    "context_size {ctx} gives {} tokens per slot with parallel {parallel}; each slot needs at least 16",
+                    ctx / parallel
+                ));
+            }
+        }
+        if self.batch_size.unwrap_or(DEFAULT_BATCH) < parallel {
+            return Err(format!("batch_size must be at least parallel ({parallel})"));
+        }
+        Ok(())
+    }
+
+    /// Overlays `other`'s set fields on these (a partial update).
+    pub fn merge(&mut self, other: &InstanceOptions) {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(context_size, threads, threads_batch, gpu_layers, parallel, batch_size, queue_size, seed);
+    }
+
+    pub fn engine_config(&self, name: &str, model_path: PathBuf, logs: Arc<LogBuffer>, cancel_load: Arc<AtomicBool>) -> EngineConfig {
+        let threads = self.threads.unwrap_or_else(|| num_cpus::get_physical().max(1) as u32);
+        EngineConfig {
+            name: name.to_string(),
+            model_path,
+            n_ctx: self.context_size,
+            n_threads: threads as i32,
+            n_threads_batch: self.threads_batch.unwrap_or(threads) as i32,
+            n_gpu_layers: match self.gpu_layers {
+                Some(n) if n >= 0 => n as u32,
+                _ => u32::MAX,
+            },
+            n_parallel: self.parallel.unwrap_or(DEFAULT_PARALLEL),
+            n_batch: self.batch_size.unwrap_or(DEFAULT_BATCH),
+            queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE),
+            seed: self.seed.filter(|&s| s >= 0).map(|s| s as u32),
+            logs,
+            cancel_load,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_server_names_are_accepted() {
+        let o: InstanceOptions = serde_json::from_str(r#"{"ctx_size":2048,"n_gpu_layers":0,"np":2}"#).unwrap();
+        assert_eq!(o.context_size, Some(2048));
+        assert_eq!(o.gpu_layers, Some(0));
+        assert_eq!(o.parallel, Some(2));
+    }
+
+    #[test]
+    fn unknown_options_are_refused_by_name() {
+        let err = serde_json::from_str::<InstanceOptions>(r#"{"flash":true}"#).unwrap_err().to_string();
+        assert!(err.contains("unknown field `flash`"), "{err}");
+    }
+
+    #[test]
+    fn ranges_name_the_field_and_limit() {
+        let o = InstanceOptions { parallel: Some(0), ..Default::default() };
+        assert_eq!(o.validate().unwrap_err(), "parallel must be between 1 and 256, got 0");
+        let o = InstanceOptions { context_size: Some(64), parallel: Some(8), ..Default::default() };
+        assert!(o.validate().unwrap_err().contains("8 tokens per slot"));
+        assert!(InstanceOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn merge_overlays_only_set_fields() {
+        let mut a = InstanceOptions { threads: Some(2), context_size: Some(1024), ..Default::default() };
+        a.merge(&InstanceOptions { threads: Some(4), ..Default::default() });
+        assert_eq!((a.threads, a.context_size), (Some(4), Some(1024)));
+    }
+}

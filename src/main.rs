@@ -1,0 +1,129 @@
+//! The `paddock` command line: parse, load config, call into the library.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use paddock::config::{Config, Overrides};
+use paddock::instance::{InstanceOptions, InstanceSpec};
+use paddock::AppState;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "paddock", version = paddock::build::VERSION, long_version = long_version(), about = "Serve local LLMs in-process with llama.cpp: many model instances behind one HTTP port")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (management API at /api, OpenAI-compatible API at /v1).
+    Serve(ServeArgs),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// YAML config file (keys: host, port, data_dir). Environment variables and flags override it.
+    #[arg(long, env = "PADDOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long, env = "PADDOCK_HOST")]
+    host: Option<IpAddr>,
+    /// Port to listen on [default: 8080].
+    #[arg(long, env = "PADDOCK_PORT")]
+    port: Option<u16>,
+    /// Where paddock keeps its state [default: the platform's user data dir, e.g. ~/.local/share/paddock].
+    #[arg(long, env = "PADDOCK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A GGUF file to serve at once: creates and starts an instance for it, as `llama-server -m` would.
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Name of the --model instance (the `model` clients send) [default: the file's name without .gguf].
+    #[arg(long, requires = "model")]
+    model_name: Option<String>,
+    /// Context size of the --model instance, shared by its slots [default: 4096 per slot].
+    #[arg(long, requires = "model")]
+    ctx_size: Option<u32>,
+    /// Parallel slots of the --model instance [default: 4].
+    #[arg(long, requires = "model")]
+    parallel: Option<u32>,
+    /// CPU threads of the --model instance [default: physical cores].
+    #[arg(long, requires = "model")]
+    threads: Option<u32>,
+}
+
+fn long_version() -> &'static str {
+    let secs = env!("PADDOCK_BUILD_UNIX").parse::<i64>().unwrap_or(0);
+    let built = chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339()).unwrap_or_default();
+    Box::leak(format!("{} (git {}, built {built})", paddock::build::VERSION, paddock::build::GIT_REVISION).into_boxed_str())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    paddock::logs::init_tracing("info,llama-cpp-2=warn");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("paddock: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paddock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let overrides = Overrides { host: args.host, port: args.port, data_dir: args.data_dir.clone() };
+    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    config.prepare().map_err(|e| e.to_string())?;
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let state = AppState::new(config);
+    tracing::info!("paddock {} listening on http://{}", paddock::build::VERSION, listener.local_addr().unwrap_or(addr));
+
+    if let Some(model_path) = args.model {
+        let name = args.model_name.unwrap_or_else(|| {
+            model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        });
+        let options = InstanceOptions { context_size: args.ctx_size, parallel: args.parallel, threads: args.threads, ..Default::default() };
+        state.registry.create(InstanceSpec { name: name.clone(), model_path, port: None, options }).map_err(|e| e.to_string())?;
+        state.registry.start(&name).map_err(|e| e.to_string())?;
+        tracing::info!("instance '{name}' starting; chat with it as model \"{name}\" at http://{addr}/v1/chat/completions");
+    }
+
+    let registry = state.registry.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: stopping instances");
+        registry.stop_all().await;
+    };
+    paddock::serve(listener, state, shutdown).await.map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

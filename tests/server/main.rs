@@ -1,0 +1,7 @@
+//! Integration tests against one in-process paddock server, over HTTP, with the real model.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod generation;
+mod management;
