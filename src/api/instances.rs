@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
         .route("/instances/{name}/start", post(start))
         .route("/instances/{name}/stop", post(stop))
         .route("/instances/{name}/logs", get(logs))
+        .route("/instances/{name}/health", get(health))
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,4 +85,8 @@ async fn logs(
     };
     let logs = state.registry.logs(&name, q.lines.unwrap_or(100), level)?;
     Ok(axum::Json(json!({ "logs": logs })))
+}
+
+async fn health(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+    Ok(axum::Json(state.registry.health(&name).await?))
 }

@@ -39,6 +39,13 @@ const DEFAULT_CTX_PER_SLOT: u32 = 4096;
 const MIN_CTX_PER_SLOT: u32 = 16;
 /// llama.cpp's limit on sequences in one context.
 const MAX_SEQUENCES: u32 = 256;
+/// One KV stream per slot, as llama-server with an explicit `-np`. A unified pool would let a
+/// slot copy another's prefix (metadata only), but every token's attention would then span the
+/// other slots' cells, so a greedy answer would depend on what else is being generated (measured:
+/// one prompt in four changed in a batch). Per-slot streams keep greedy output the same alone or
+/// batched. With separate streams a partial `seq_cp` between slots aborts in llama.cpp, so
+/// cross-slot copies follow this flag.
+const KV_UNIFIED: bool = false;
 
 /// A validated request waiting for a slot.
 struct Job {
@@ -130,6 +137,16 @@ fn load(config: &EngineConfig) -> Result<(LlamaModel, u64), EngineError> {
             EngineError::Load { path, reason: format!("{e} (see the instance's logs for llama.cpp's reason)") }
         }
     })?;
+    // Non-causal (embedding) and encoder-decoder models take other code paths in llama.cpp, some
+    // of which abort on a generation batch (n_ubatch asserts, missing logits). Refuse them here.
+    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
+    let causal = model.meta_val_str(&format!("{arch}.attention.causal")).map_or(true, |v| v != "false");
+    if !causal || arch.starts_with("t5") {
+        return Err(EngineError::Config(format!(
+            "{} is a {arch} model without causal attention (an embedding or encoder model); instances serve causal language models",
+            config.model_path.display()
+        )));
+    }
     Ok((model, started.elapsed().as_millis() as u64))
 }
 
@@ -157,9 +174,7 @@ fn new_context<'m>(config: &EngineConfig, model: &'m LlamaModel) -> Result<Llama
         .with_n_seq_max(config.n_parallel)
         .with_n_threads(config.n_threads)
         .with_n_threads_batch(config.n_threads_batch)
-        // One KV pool shared by all slots, as llama-server uses: copying a prefix between slots
-        // is then metadata-only, and no per-sequence rounding wastes cells.
-        .with_kv_unified(true);
+        .with_kv_unified(KV_UNIFIED);
     let backend = super::backend()?;
     model.new_context(backend, params).map_err(|e| EngineError::Config(format!("cannot create context: {e}")))
 }
@@ -323,7 +338,7 @@ impl<'m> Worker<'m> {
                     .iter()
                     .map(|s| SlotCache { free: s.active.is_none(), cached: &s.cached, last_used: s.last_used })
                     .collect();
-                scheduler::pick_slot(prompt, &caches, true)
+                scheduler::pick_slot(prompt, &caches, KV_UNIFIED)
             };
             let Some(p) = placement else { break };
             let job = self.queue.pop_front().expect("queue is not empty");

@@ -64,6 +64,24 @@ pub struct InstanceSpec {
     pub options: InstanceOptions,
 }
 
+/// How long a health check waits for the engine loop to answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub checks: HealthChecks,
+    pub last_check: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthChecks {
+    /// The engine thread's state.
+    pub process: &'static str,
+    /// Whether the engine loop answered a ping.
+    pub response: &'static str,
+}
+
 /// A published status change (consumed by the WebSocket and logs).
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusChange {
@@ -225,6 +243,25 @@ impl Registry {
                 status: e.status,
             })
         })?
+    }
+
+    /// Health as llamactl reports it; `response` is a real round trip through the engine loop.
+    pub async fn health(&self, name: &str) -> Result<Health, InstanceError> {
+        let (status, engine) = self.with_entry(name, |e| (e.status, e.running.as_ref().map(|r| r.serving.engine.clone())))?;
+        let (overall, process, response) = match (status, engine) {
+            (Status::Running, Some(engine)) => {
+                if engine.ping(HEALTH_TIMEOUT).await {
+                    ("healthy", "running", "ok")
+                } else {
+                    ("unhealthy", "running", "timeout")
+                }
+            }
+            (Status::Starting, _) => ("loading", "starting", "unavailable"),
+            (Status::Failed, _) => ("failed", "failed", "unavailable"),
+            (Status::Stopping, _) => ("stopping", "stopping", "unavailable"),
+            _ => ("stopped", "stopped", "unavailable"),
+        };
+        Ok(Health { status: overall, checks: HealthChecks { process, response }, last_check: Utc::now() })
     }
 
     /// Begins loading the instance's model on a new engine thread; returns at once with

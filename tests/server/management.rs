@@ -42,6 +42,11 @@ async fn instance_lifecycle_create_start_stop_delete() {
     assert_eq!(running["model"]["n_ctx_slot"], 512);
     assert!(running["model"]["n_params"].as_u64().unwrap() > 100_000_000, "{running}");
 
+    let (status, health) = s.get("/api/instances/life/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "healthy", "{health}");
+    assert_eq!(health["checks"]["response"], "ok", "{health}");
+
     let (status, body) = s.post("/api/instances/life/start", json!({})).await;
     assert_eq!(status, 409, "starting a running instance: {body}");
     assert_error_shape(&body, "INVALID_STATE");
@@ -63,6 +68,7 @@ async fn instance_lifecycle_create_start_stop_delete() {
     assert_eq!(body["status"], "stopped");
     let (status, body) = s.post("/api/instances/life/stop", json!({})).await;
     assert_eq!(status, 409, "stopping a stopped instance: {body}");
+    assert_eq!(s.get("/api/instances/life/health").await.1["status"], "stopped");
 
     let (status, body) = s.delete("/api/instances/life").await;
     assert_eq!(status, 200, "{body}");
