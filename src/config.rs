@@ -14,11 +14,22 @@ pub struct Config {
     pub port: u16,
     /// Where paddock keeps its state.
     pub data_dir: PathBuf,
+    /// Most instances running at once; starting one more stops the least recently used
+    /// evictable one (after its requests finish). None = no limit.
+    pub max_running_instances: Option<usize>,
+    /// Seconds a `/v1` request waits for an instance it started on demand.
+    pub on_demand_start_timeout: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { host: IpAddr::from([127, 0, 0, 1]), port: 8080, data_dir: default_data_dir() }
+        Config {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: 8080,
+            data_dir: default_data_dir(),
+            max_running_instances: None,
+            on_demand_start_timeout: 120,
+        }
     }
 }
 

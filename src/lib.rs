@@ -8,6 +8,7 @@
 //!   [`api::serve`].
 //! - [`config`]: configuration layering.
 //! - [`logs`]: per-instance log buffers fed by llama.cpp's log callback.
+//! - [`models`]: the model store; for now paddock's own GGUF reader, which checks a file before llama.cpp sees it.
 //! - [`build`]: build information.
 //!
 //! A request flows: axum router → handler → registry lookup → engine handle → engine thread,
@@ -19,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod instance;
 pub mod logs;
+pub mod models;
 
 pub use api::{app, serve, AppState};
 pub use config::Config;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use paddock::config::{Config, Overrides};
-use paddock::instance::{InstanceOptions, InstanceSpec};
+use paddock::instance::{InstanceError, InstanceOptions, InstanceSpec, ModelSource, Policy, StopMode};
 use paddock::AppState;
 use tokio::net::TcpListener;
 
@@ -85,10 +85,9 @@ fn main() -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let overrides = Overrides { host: args.host, port: args.port, data_dir: args.data_dir.clone() };
     let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
-    config.prepare().map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let state = AppState::new(config);
+    let state = AppState::open(config)?;
     tracing::info!("paddock {} listening on http://{}", paddock::build::VERSION, listener.local_addr().unwrap_or(addr));
 
     if let Some(model_path) = args.model {
@@ -96,8 +95,20 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
         });
         let options = InstanceOptions { context_size: args.ctx_size, parallel: args.parallel, threads: args.threads, ..Default::default() };
-        state.registry.create(InstanceSpec { name: name.clone(), model_path, port: None, options }).map_err(|e| e.to_string())?;
-        state.registry.start(&name).map_err(|e| e.to_string())?;
+        // The instance persists like any other; on a later run with the same --model it is reused.
+        let spec = InstanceSpec { name: name.clone(), source: ModelSource::Path { model_path }, port: None, options, policy: Policy::default() };
+        match state.registry.create(spec).await {
+            Ok(_) => {}
+            Err(InstanceError::AlreadyExists(_)) => {
+                tracing::info!("instance '{name}' exists already; keeping its stored configuration");
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        if let Err(e) = state.registry.start(&name).await {
+            if !matches!(e, InstanceError::Transition { .. }) {
+                return Err(e.to_string());
+            }
+        }
         tracing::info!("instance '{name}' starting; chat with it as model \"{name}\" at http://{addr}/v1/chat/completions");
     }
 
@@ -105,7 +116,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let shutdown = async move {
         shutdown_signal().await;
         tracing::info!("shutting down: stopping instances");
-        registry.stop_all().await;
+        registry.stop_all(StopMode::default()).await;
     };
     paddock::serve(listener, state, shutdown).await.map_err(|e| e.to_string())
 }

@@ -111,7 +111,13 @@ impl From<InstanceError> for ApiError {
             ModelNotFound(_) => (StatusCode::BAD_REQUEST, "MODEL_NOT_FOUND"),
             Transition { .. } => (StatusCode::CONFLICT, "INVALID_STATE"),
             NotRunning { .. } => (StatusCode::SERVICE_UNAVAILABLE, "INSTANCE_NOT_RUNNING"),
-            Busy { .. } => (StatusCode::CONFLICT, "INSTANCE_BUSY"),
+            Busy { .. } => (StatusCode::CONFLICT, "INSTANCE_RUNNING"),
+            ModelNotAvailable { .. } => (StatusCode::CONFLICT, "MODEL_NOT_AVAILABLE"),
+            StartFailed { .. } => (StatusCode::SERVICE_UNAVAILABLE, "MODEL_LOAD_FAILED"),
+            StartTimeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "START_TIMEOUT"),
+            NoCapacity(_) => (StatusCode::CONFLICT, "NO_CAPACITY"),
+            Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "STORE_ERROR"),
+            InvalidModel { .. } => (StatusCode::BAD_REQUEST, "INVALID_MODEL"),
         };
         let message = match &e {
             NotFound(_) => "Instance not found",
@@ -121,7 +127,13 @@ impl From<InstanceError> for ApiError {
             ModelNotFound(_) => "Model file not found",
             Transition { .. } => "Operation not allowed in the instance's current state",
             NotRunning { .. } => "Instance is not running",
-            Busy { .. } => "Instance is in use",
+            Busy { .. } => "Instance is running",
+            ModelNotAvailable { .. } => "Model not available",
+            StartFailed { .. } => "Model failed to load",
+            StartTimeout { .. } => "Instance did not become ready in time",
+            NoCapacity(_) => "No room to start the instance",
+            Store(_) => "Could not persist the change",
+            InvalidModel { .. } => "The model file is not a valid GGUF",
         };
         ApiError::new(status, code, message).with_details(e.to_string())
     }

@@ -26,6 +26,9 @@ use crate::config::Config;
 use crate::instance::Registry;
 use error::{ApiError, OpenAiError};
 
+/// The instance database's file name in the data dir.
+pub const DATABASE: &str = "paddock.db";
+
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -35,8 +38,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config) -> Self {
-        AppState { registry: Registry::new(), config: Arc::new(config), started: Instant::now() }
+    /// State whose instances live in `config.data_dir`'s database, restored from it.
+    pub fn open(config: Config) -> Result<Self, String> {
+        config.prepare().map_err(|e| e.to_string())?;
+        let registry = Registry::open(&config.data_dir.join(DATABASE)).map_err(|e| e.to_string())?;
+        registry.set_max_running(config.max_running_instances);
+        Ok(AppState { registry, config: Arc::new(config), started: Instant::now() })
     }
 }
 
@@ -63,5 +70,8 @@ async fn openai_not_found(uri: Uri) -> OpenAiError {
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then waits for open
 /// connections (streams end when their instances stop).
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    state.registry.spawn_supervisor();
+    let registry = state.registry.clone();
+    tokio::spawn(async move { registry.resume().await });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
 }

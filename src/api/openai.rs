@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
@@ -146,8 +147,10 @@ fn max_tokens(value: Option<u32>, param: &'static str) -> Result<Option<u32>, Ap
     }
 }
 
-fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
-    state.registry.serving(model).map_err(|e| match e {
+/// The instance named by `model`, started first if it is stopped and allows on-demand starts.
+async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
+    let timeout = Duration::from_secs(state.config.on_demand_start_timeout);
+    state.registry.serving_or_start(model, timeout).await.map_err(|e| match e {
         InstanceError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", format!("The model '{model}' does not exist"))
             .with_param("model"),
         other => ApiError::from(other),
@@ -215,7 +218,7 @@ fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiErr
 }
 
 async fn chat_completions(State(state): State<AppState>, OaiJson(req): OaiJson<ChatRequest>) -> OaiResult<Response> {
-    let serving = lookup(&state, &req.model)?;
+    let serving = lookup(&state, &req.model).await?;
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
     let messages = flatten_messages(req.messages)?;
@@ -260,7 +263,7 @@ enum PromptIn {
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
 
 async fn completions(State(state): State<AppState>, OaiJson(req): OaiJson<CompletionRequest>) -> OaiResult<Response> {
-    let serving = lookup(&state, &req.model)?;
+    let serving = lookup(&state, &req.model).await?;
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)), "max_tokens")?;
     let prompt = match req.prompt {

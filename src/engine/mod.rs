@@ -157,8 +157,10 @@ pub enum EngineError {
 }
 
 /// Counters the worker updates and anyone may read. Relaxed atomics: they are statistics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EngineStats {
+    /// `last_activity_ms` counts from here.
+    epoch: Instant,
     pub requests_total: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub prompt_tokens_cached_total: AtomicU64,
@@ -168,6 +170,9 @@ pub struct EngineStats {
     pub max_batch_sequences: AtomicU64,
     pub slots_busy: AtomicU64,
     pub queued: AtomicU64,
+    /// Milliseconds since the engine started when a request was last accepted or finished:
+    /// inference traffic only (health pings do not count), for idle stops and LRU eviction.
+    pub last_activity_ms: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -180,9 +185,29 @@ pub struct StatsSnapshot {
     pub max_batch_sequences: u64,
     pub slots_busy: u64,
     pub queued: u64,
+    pub last_activity_ms: u64,
 }
 
 impl EngineStats {
+    fn new() -> Self {
+        EngineStats {
+            epoch: Instant::now(),
+            requests_total: AtomicU64::new(0),
+            prompt_tokens_total: AtomicU64::new(0),
+            prompt_tokens_cached_total: AtomicU64::new(0),
+            generated_tokens_total: AtomicU64::new(0),
+            decode_calls_total: AtomicU64::new(0),
+            max_batch_sequences: AtomicU64::new(0),
+            slots_busy: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn mark_active(&self) {
+        self.last_activity_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
@@ -194,6 +219,7 @@ impl EngineStats {
             max_batch_sequences: r(&self.max_batch_sequences),
             slots_busy: r(&self.slots_busy),
             queued: r(&self.queued),
+            last_activity_ms: r(&self.last_activity_ms),
         }
     }
 }
@@ -245,7 +271,7 @@ impl EngineThread {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (exit_tx, exit_rx) = oneshot::channel();
-        let stats = Arc::new(EngineStats::default());
+        let stats = Arc::new(EngineStats::new());
         let queue_size = config.queue_size;
         let n_permits = (config.n_parallel + config.queue_size) as usize;
         let thread_stats = stats.clone();
@@ -330,6 +356,7 @@ impl Engine {
         self.stats.snapshot()
     }
 
+
     /// Admits a request and waits until the worker has validated it (tokenized, within the
     /// context). Errors here happen before any response byte is sent, so they get real statuses.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
@@ -337,6 +364,7 @@ impl Engine {
             slots: self.info.n_parallel,
             queued: self.queue_size,
         })?;
+        self.stats.mark_active();
         let (events, mut rx) = mpsc::unbounded_channel();
         self.tx.send(EngineCommand::Generate { request, events, permit }).map_err(|_| EngineError::Stopped)?;
         match rx.recv().await {
@@ -345,6 +373,26 @@ impl Engine {
             Some(Err(e)) => Err(e),
             None => Err(EngineError::Stopped),
         }
+    }
+
+    /// How long since inference traffic last touched this engine.
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.stats.last_activity_ms.load(Ordering::Relaxed));
+        self.stats.epoch.elapsed().saturating_sub(last)
+    }
+
+    /// Whether any request is generating or waiting.
+    pub fn is_busy(&self) -> bool {
+        self.stats.slots_busy.load(Ordering::Relaxed) > 0 || self.stats.queued.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits until every admitted request has finished, at most `timeout`; then refuses new
+    /// ones. Returns whether it drained in time (if not, a shutdown cancels what is left).
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let total = self.info.n_parallel + self.queue_size;
+        let drained = tokio::time::timeout(timeout, self.permits.acquire_many(total)).await;
+        self.permits.close();
+        matches!(drained, Ok(Ok(_)))
     }
 
     /// A round trip through the engine's loop; false if it did not answer within `timeout`.

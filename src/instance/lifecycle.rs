@@ -10,6 +10,8 @@ pub enum Status {
     Running,
     Stopping,
     Failed,
+    /// Waiting out `restart_delay` before an automatic restart.
+    Restarting,
 }
 
 /// What happens to an instance.
@@ -27,6 +29,8 @@ pub enum Event {
     Halted,
     /// The engine thread ended without being asked to.
     Crashed,
+    /// The supervisor schedules an automatic restart of a failed instance.
+    ScheduleRestart,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -41,7 +45,10 @@ impl Status {
         use Event::*;
         use Status::*;
         match (self, event) {
-            (Stopped | Failed, Start) => Ok(Starting),
+            (Stopped | Failed | Restarting, Start) => Ok(Starting),
+            (Failed, ScheduleRestart) => Ok(Restarting),
+            // Stopping an instance that waits to be restarted cancels the restart.
+            (Restarting, Stop) => Ok(Stopped),
             (Starting, Loaded) => Ok(Running),
             (Starting, LoadFailed) => Ok(Failed),
             (Starting | Running, Stop) => Ok(Stopping),
@@ -61,6 +68,7 @@ impl Status {
             Status::Running => "running",
             Status::Stopping => "stopping",
             Status::Failed => "failed",
+            Status::Restarting => "restarting",
         }
     }
 }
@@ -80,6 +88,7 @@ impl std::fmt::Display for Event {
             Event::Stop => "stop",
             Event::Halted => "halt",
             Event::Crashed => "crash",
+            Event::ScheduleRestart => "schedule a restart of",
         };
         f.write_str(verb)
     }
@@ -112,6 +121,14 @@ mod tests {
         assert!(Stopped.transition(Stop).is_err());
         assert!(Stopping.transition(Start).is_err());
         assert_eq!(Running.transition(Start).unwrap_err().to_string(), "cannot start an instance that is running");
+    }
+
+    #[test]
+    fn restarting_can_start_or_be_stopped() {
+        assert_eq!(Failed.transition(ScheduleRestart).unwrap(), Restarting);
+        assert_eq!(Restarting.transition(Start).unwrap(), Starting);
+        assert_eq!(Restarting.transition(Stop).unwrap(), Stopped);
+        assert!(Running.transition(ScheduleRestart).is_err());
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`lifecycle`]: `Status` and its legal transitions.
 //! - [`options`]: user-facing options and their validation into an `EngineConfig`.
-//! - this file: [`Registry`], the one handle to all instances.
+//! - [`spec`]: model source, options and supervision policy: what is persisted.
+//! - [`supervisor`]: start, stop (graceful drain), restart, automatic restarts, on-demand
+//!   start, idle stop, eviction under `max_running_instances`.
+//! - this file: [`Registry`], the one handle to all instances; create, update, delete, views.
 //!
 //! # Locking
 //! One `parking_lot::Mutex` guards the map of instances. It is never held across an `.await`
@@ -13,27 +16,30 @@
 
 pub mod lifecycle;
 pub mod options;
+pub mod spec;
+pub mod store;
+mod supervisor;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tracing::Level;
 
 use crate::engine::chat::ChatTemplate;
-use crate::engine::{Engine, EngineError, EngineThread, ModelInfo, StatsSnapshot};
+use crate::engine::{Engine, EngineThread, ModelInfo, StatsSnapshot};
 use crate::logs::{LogBuffer, LogLine};
 pub use lifecycle::{Event, IllegalTransition, Status};
 pub use options::InstanceOptions;
+pub use spec::{InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch};
+pub use supervisor::StopMode;
 
-/// How long a stop waits for the engine thread to finish its current step and exit.
-const STOP_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
@@ -53,15 +59,18 @@ pub enum InstanceError {
     NotRunning { name: String, status: Status },
     #[error("instance '{name}' is {status}; stop it before deleting it")]
     Busy { name: String, status: Status },
-}
-
-/// What a user gives to create an instance.
-#[derive(Debug, Clone)]
-pub struct InstanceSpec {
-    pub name: String,
-    pub model_path: PathBuf,
-    pub port: Option<u16>,
-    pub options: InstanceOptions,
+    #[error("instance '{name}' uses the Hugging Face model {repo}, which paddock cannot download yet; give a model_path")]
+    ModelNotAvailable { name: String, repo: String },
+    #[error("instance '{name}' failed to start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error("instance '{name}' did not become ready within {secs} s")]
+    StartTimeout { name: String, secs: u64 },
+    #[error("{0}")]
+    NoCapacity(String),
+    #[error("persisting the change failed: {0}")]
+    Store(String),
+    #[error("{path} is not a usable GGUF model: {reason}")]
+    InvalidModel { path: String, reason: String },
 }
 
 /// How long a health check waits for the engine loop to answer.
@@ -95,13 +104,20 @@ pub struct StatusChange {
 pub struct InstanceView {
     pub name: String,
     pub status: Status,
-    pub model_path: String,
+    #[serde(flatten)]
+    pub source: ModelSource,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub options: InstanceOptions,
+    #[serde(flatten)]
+    pub policy: Policy,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// Why the instance failed, while it is `failed`.
+    /// Paddock's own process: instances are threads in it.
+    pub pid: u32,
+    /// Automatic restarts since the last manual start.
+    pub restarts: u32,
+    /// Why the instance failed, while it is `failed` or `restarting`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The loaded model, while running.
@@ -109,7 +125,17 @@ pub struct InstanceView {
     pub model: Option<ModelInfo>,
     /// Engine counters, while running.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stats: Option<StatsSnapshot>,
+    pub stats: Option<InstanceStats>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStats {
+    /// Bytes of model weights (the context's KV cache comes on top).
+    pub memory_usage: u64,
+    /// Seconds since the engine became ready.
+    pub uptime: u64,
+    #[serde(flatten)]
+    pub engine: StatsSnapshot,
 }
 
 /// A running instance's serving handles, cloned out for a request.
@@ -122,34 +148,64 @@ pub struct Serving {
 struct Running {
     thread: EngineThread,
     serving: Serving,
+    since: Instant,
 }
 
 struct Entry {
     spec: InstanceSpec,
     status: Status,
+    /// Follows `status`, for waiting on a change (on-demand start) without polling.
+    status_tx: watch::Sender<Status>,
     running: Option<Running>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     error: Option<String>,
     logs: Arc<LogBuffer>,
     cancel_load: Arc<AtomicBool>,
-    /// Bumped by every start; results of an older start are ignored.
+    /// Bumped by every start and stop; results of an older one are ignored.
     generation: u64,
+    restarts: u32,
+    /// Whether the instance should run (persisted: it comes back up after a restart of paddock).
+    desired_running: bool,
 }
 
 impl Entry {
+    fn new(spec: InstanceSpec, created_at: DateTime<Utc>) -> Entry {
+        Entry {
+            spec,
+            status: Status::Stopped,
+            status_tx: watch::Sender::new(Status::Stopped),
+            running: None,
+            created_at,
+            updated_at: created_at,
+            error: None,
+            logs: Arc::new(LogBuffer::default()),
+            cancel_load: Arc::new(AtomicBool::new(false)),
+            generation: 0,
+            restarts: 0,
+            desired_running: false,
+        }
+    }
+
     fn view(&self) -> InstanceView {
         InstanceView {
             name: self.spec.name.clone(),
             status: self.status,
-            model_path: self.spec.model_path.display().to_string(),
+            source: self.spec.source.clone(),
             port: self.spec.port,
             options: self.spec.options.clone(),
+            policy: self.spec.policy.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
+            pid: std::process::id(),
+            restarts: self.restarts,
             error: self.error.clone(),
             model: self.running.as_ref().map(|r| r.serving.engine.info().clone()),
-            stats: self.running.as_ref().map(|r| r.serving.engine.stats()),
+            stats: self.running.as_ref().map(|r| InstanceStats {
+                memory_usage: r.serving.engine.info().size_bytes,
+                uptime: r.since.elapsed().as_secs(),
+                engine: r.serving.engine.stats(),
+            }),
         }
     }
 }
@@ -163,51 +219,188 @@ pub struct Registry {
 struct Inner {
     map: Mutex<HashMap<String, Entry>>,
     events: broadcast::Sender<StatusChange>,
+    /// Most instances running (or starting) at once; None = no limit.
+    max_running: Mutex<Option<usize>>,
+    /// Where instance records are persisted; None = in memory only.
+    store: Option<store::Store>,
+    /// Last version given to a persisted change (see [`Registry::next_version`]).
+    last_version: AtomicU64,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self::new()
+        Self::with_store(None)
     }
 }
 
 impl Registry {
+    /// A registry that keeps nothing on disk.
     pub fn new() -> Self {
+        Self::with_store(None)
+    }
+
+    fn with_store(store: Option<store::Store>) -> Self {
         let (events, _) = broadcast::channel(256);
-        Registry { inner: Arc::new(Inner { map: Mutex::new(HashMap::new()), events }) }
+        Registry {
+            inner: Arc::new(Inner {
+                map: Mutex::new(HashMap::new()),
+                events,
+                max_running: Mutex::new(None),
+                store,
+                last_version: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Opens the database at `path` and restores every instance in it, stopped; [`Registry::resume`]
+    /// then starts those that were running. A record that does not parse is an error, not skipped.
+    pub fn open(path: &Path) -> Result<Self, InstanceError> {
+        let store = store::Store::open(path).map_err(|e| InstanceError::Store(e.to_string()))?;
+        let records = store.load_all().map_err(|e| InstanceError::Store(e.to_string()))?;
+        let registry = Self::with_store(Some(store));
+        {
+            let mut map = registry.inner.map.lock();
+            for rec in records {
+                let spec: InstanceSpec = serde_json::from_value(rec.config)
+                    .map_err(|e| InstanceError::Store(format!("instance '{}' in the database: {e}", rec.name)))?;
+                registry.inner.last_version.fetch_max(rec.version, Ordering::Relaxed);
+                let mut entry = Entry::new(spec, rec.created_at);
+                entry.updated_at = rec.updated_at;
+                entry.desired_running = rec.desired_running;
+                entry.logs.push(Level::INFO, "restored from the database");
+                map.insert(rec.name, entry);
+            }
+        }
+        Ok(registry)
+    }
+
+    /// Starts the instances that were running when paddock last stopped.
+    pub async fn resume(&self) {
+        let names: Vec<String> = {
+            let map = self.inner.map.lock();
+            map.values().filter(|e| e.desired_running && e.status == Status::Stopped).map(|e| e.spec.name.clone()).collect()
+        };
+        for name in names {
+            if let Err(e) = self.start(&name).await {
+                tracing::warn!(instance = %name, "could not resume: {e}");
+            }
+        }
+    }
+
+    /// Versions order persisted changes that may reach the store out of order. Wall-clock
+    /// microseconds keep them increasing across restarts of paddock (and above the versions of
+    /// deleted names' tombstones); the counter keeps them strictly increasing within one run.
+    fn next_version(&self) -> u64 {
+        let now = Utc::now().timestamp_micros().max(0) as u64;
+        let prev = self.inner.last_version.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(now.max(last + 1)));
+        now.max(prev.unwrap_or(0) + 1)
+    }
+
+    /// Writes `name`'s current record (or its deletion) on a blocking thread.
+    async fn persist(&self, name: &str, deleted: bool) -> Result<(), InstanceError> {
+        let Some(store) = self.inner.store.clone() else { return Ok(()) };
+        let version = self.next_version();
+        let record = if deleted {
+            None
+        } else {
+            let record = self.with_entry(name, |e| store::InstanceRecord {
+                name: e.spec.name.clone(),
+                config: serde_json::to_value(&e.spec).unwrap_or_default(),
+                desired_running: e.desired_running,
+                created_at: e.created_at,
+                updated_at: e.updated_at,
+                version,
+            });
+            match record {
+                Ok(r) => Some(r),
+                Err(_) => return Ok(()), // deleted meanwhile; the delete is persisted by its own call
+            }
+        };
+        let name = name.to_string();
+        let result = tokio::task::spawn_blocking(move || match record {
+            Some(r) => store.upsert(&r).map(|_| ()),
+            None => store.delete(&name, version).map(|_| ()),
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(InstanceError::Store(e.to_string())),
+            Err(e) => Err(InstanceError::Store(e.to_string())),
+        }
+    }
+
+    /// Records whether the instance should be running, so that a restart of paddock restores it.
+    async fn set_desired(&self, name: &str, running: bool) {
+        let changed = {
+            let mut map = self.inner.map.lock();
+            match map.get_mut(name) {
+                Some(e) if e.desired_running != running => {
+                    e.desired_running = running;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            if let Err(e) = self.persist(name, false).await {
+                tracing::error!(instance = name, "{e}");
+            }
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {
         self.inner.events.subscribe()
     }
 
-    pub fn create(&self, spec: InstanceSpec) -> Result<InstanceView, InstanceError> {
+    /// Limits how many instances run at once (starting one more evicts the least recently used).
+    pub fn set_max_running(&self, max: Option<usize>) {
+        *self.inner.max_running.lock() = max;
+    }
+
+    /// Creates an instance (stopped). Acknowledged only once persisted.
+    pub async fn create(&self, spec: InstanceSpec) -> Result<InstanceView, InstanceError> {
         validate_name(&spec.name)?;
-        spec.options.validate().map_err(InstanceError::InvalidOptions)?;
-        if !spec.model_path.is_file() {
-            return Err(InstanceError::ModelNotFound(spec.model_path.display().to_string()));
-        }
-        let mut map = self.inner.map.lock();
-        if map.contains_key(&spec.name) {
-            return Err(InstanceError::AlreadyExists(spec.name));
-        }
-        let now = Utc::now();
-        let logs = Arc::new(LogBuffer::default());
-        logs.push(Level::INFO, format!("instance created with model {}", spec.model_path.display()));
-        let entry = Entry {
-            spec,
-            status: Status::Stopped,
-            running: None,
-            created_at: now,
-            updated_at: now,
-            error: None,
-            logs,
-            cancel_load: Arc::new(AtomicBool::new(false)),
-            generation: 0,
+        validate_spec(&spec).await?;
+        let view = {
+            let mut map = self.inner.map.lock();
+            if map.contains_key(&spec.name) {
+                return Err(InstanceError::AlreadyExists(spec.name));
+            }
+            let entry = Entry::new(spec, Utc::now());
+            entry.logs.push(Level::INFO, format!("instance created with model {}", describe_source(&entry.spec.source)));
+            let view = entry.view();
+            map.insert(view.name.clone(), entry);
+            view
         };
-        let view = entry.view();
-        map.insert(view.name.clone(), entry);
+        if let Err(e) = self.persist(&view.name, false).await {
+            self.inner.map.lock().remove(&view.name);
+            return Err(e);
+        }
         Ok(view)
+    }
+
+    /// Applies a partial change. A running instance keeps its current configuration until it is
+    /// restarted; the returned flag says whether a restart is needed for the change to apply.
+    pub async fn update(&self, name: &str, patch: &SpecPatch) -> Result<(InstanceView, bool), InstanceError> {
+        let mut spec = self.with_entry(name, |e| e.spec.clone())?;
+        patch.apply_to(&mut spec);
+        validate_spec(&spec).await?;
+        let (view, changed, restart_required) = {
+            let mut map = self.inner.map.lock();
+            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+            let changed = spec != e.spec;
+            let restart_required = changed && matches!(e.status, Status::Running | Status::Starting);
+            if changed {
+                e.spec = spec;
+                e.updated_at = Utc::now();
+                e.logs.push(Level::INFO, if restart_required { "configuration updated; applies on restart" } else { "configuration updated" });
+            }
+            (e.view(), changed, restart_required)
+        };
+        if changed {
+            self.persist(name, false).await?;
+        }
+        Ok((view, restart_required))
     }
 
     pub fn list(&self) -> Vec<InstanceView> {
@@ -221,14 +414,16 @@ impl Registry {
         self.with_entry(name, |e| e.view())
     }
 
-    pub fn delete(&self, name: &str) -> Result<(), InstanceError> {
-        let mut map = self.inner.map.lock();
-        let entry = map.get(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
-        if !matches!(entry.status, Status::Stopped | Status::Failed) {
-            return Err(InstanceError::Busy { name: name.to_string(), status: entry.status });
+    pub async fn delete(&self, name: &str) -> Result<(), InstanceError> {
+        {
+            let mut map = self.inner.map.lock();
+            let entry = map.get(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+            if !matches!(entry.status, Status::Stopped | Status::Failed) {
+                return Err(InstanceError::Busy { name: name.to_string(), status: entry.status });
+            }
+            map.remove(name);
         }
-        map.remove(name);
-        Ok(())
+        self.persist(name, true).await
     }
 
     pub fn logs(&self, name: &str, lines: usize, min_level: Option<Level>) -> Result<Vec<LogLine>, InstanceError> {
@@ -264,144 +459,6 @@ impl Registry {
         Ok(Health { status: overall, checks: HealthChecks { process, response }, last_check: Utc::now() })
     }
 
-    /// Begins loading the instance's model on a new engine thread; returns at once with
-    /// `starting`. The outcome (`running` or `failed` with its reason) is applied when the load ends.
-    pub fn start(&self, name: &str) -> Result<Status, InstanceError> {
-        let (config, generation) = {
-            let mut map = self.inner.map.lock();
-            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
-            apply(e, Event::Start)?;
-            e.generation += 1;
-            e.error = None;
-            e.cancel_load = Arc::new(AtomicBool::new(false));
-            e.logs.push(Level::INFO, "starting: loading model");
-            let config =
-                e.spec.options.engine_config(name, e.spec.model_path.clone(), e.logs.clone(), e.cancel_load.clone());
-            (config, e.generation)
-        };
-        self.publish(name, Status::Starting);
-        let registry = self.clone();
-        let name = name.to_string();
-        tokio::spawn(async move {
-            let outcome = EngineThread::start(config).await;
-            registry.finish_start(&name, generation, outcome).await;
-        });
-        Ok(Status::Starting)
-    }
-
-    async fn finish_start(
-        &self,
-        name: &str,
-        generation: u64,
-        outcome: Result<(EngineThread, tokio::sync::oneshot::Receiver<crate::engine::ExitReport>), EngineError>,
-    ) {
-        let mut orphan = None;
-        let mut watch = None;
-        let status = {
-            let mut map = self.inner.map.lock();
-            let Some(e) = map.get_mut(name).filter(|e| e.generation == generation) else {
-                return; // deleted meanwhile (only possible once stopped) or superseded
-            };
-            match outcome {
-                Ok((thread, exited)) if e.status == Status::Starting => {
-                    let info = thread.engine().info();
-                    let template = chat_template(info, &e.logs);
-                    let serving = Serving { engine: thread.engine().clone(), template };
-                    e.running = Some(Running { thread, serving });
-                    let _ = apply(e, Event::Loaded);
-                    e.logs.push(Level::INFO, "running");
-                    watch = Some(exited);
-                }
-                Ok((thread, _)) => {
-                    // A stop came in while loading: finish the stop.
-                    orphan = Some(thread);
-                }
-                Err(err) if e.status == Status::Starting => {
-                    let _ = apply(e, Event::LoadFailed);
-                    e.logs.push(Level::ERROR, format!("start failed: {err}"));
-                    e.error = Some(err.to_string());
-                }
-                Err(_) => {}
-            }
-            if e.status == Status::Stopping {
-                let _ = apply(e, Event::Halted);
-                e.logs.push(Level::INFO, "stopped");
-            }
-            e.status
-        };
-        if let Some(thread) = orphan {
-            let _ = tokio::task::spawn_blocking(move || thread.shutdown(STOP_DEADLINE)).await;
-        }
-        self.publish(name, status);
-        if let Some(exited) = watch {
-            let registry = self.clone();
-            let name = name.to_string();
-            tokio::spawn(async move {
-                let report = exited.await.unwrap_or_else(|_| Err("engine thread vanished".into()));
-                registry.engine_exited(&name, generation, report);
-            });
-        }
-    }
-
-    /// The engine thread ended. If nobody asked it to, the instance has failed.
-    fn engine_exited(&self, name: &str, generation: u64, report: crate::engine::ExitReport) {
-        let status = {
-            let mut map = self.inner.map.lock();
-            let Some(e) = map.get_mut(name).filter(|e| e.generation == generation) else { return };
-            if e.status != Status::Running {
-                return; // a stop is in charge
-            }
-            let _ = apply(e, Event::Crashed);
-            let reason = report.err().unwrap_or_else(|| "engine thread exited".into());
-            e.logs.push(Level::ERROR, format!("engine failed: {reason}"));
-            e.error = Some(reason);
-            e.running = None;
-            e.status
-        };
-        self.publish(name, status);
-    }
-
-    /// Stops an instance: in-flight requests end with an error, the engine thread is joined.
-    /// A stop during loading cancels the load; the status is `stopping` until it has ended.
-    pub async fn stop(&self, name: &str) -> Result<Status, InstanceError> {
-        let running = {
-            let mut map = self.inner.map.lock();
-            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
-            let was = e.status;
-            apply(e, Event::Stop)?;
-            e.logs.push(Level::INFO, "stopping");
-            if was == Status::Starting {
-                e.cancel_load.store(true, Ordering::Relaxed);
-            }
-            e.running.take()
-        };
-        self.publish(name, Status::Stopping);
-        let Some(running) = running else { return Ok(Status::Stopping) };
-        let thread = running.thread;
-        drop(running.serving);
-        let _ = tokio::task::spawn_blocking(move || thread.shutdown(STOP_DEADLINE)).await;
-        let status = {
-            let mut map = self.inner.map.lock();
-            let Some(e) = map.get_mut(name) else { return Ok(Status::Stopped) };
-            let _ = apply(e, Event::Halted);
-            e.logs.push(Level::INFO, "stopped");
-            e.status
-        };
-        self.publish(name, status);
-        Ok(status)
-    }
-
-    /// Stops every instance (server shutdown).
-    pub async fn stop_all(&self) {
-        let names: Vec<String> = {
-            let map = self.inner.map.lock();
-            map.iter().filter(|(_, e)| matches!(e.status, Status::Running | Status::Starting)).map(|(n, _)| n.clone()).collect()
-        };
-        for name in names {
-            let _ = self.stop(&name).await;
-        }
-    }
-
     fn with_entry<T>(&self, name: &str, f: impl FnOnce(&Entry) -> T) -> Result<T, InstanceError> {
         let map = self.inner.map.lock();
         map.get(name).map(f).ok_or_else(|| InstanceError::NotFound(name.to_string()))
@@ -418,8 +475,33 @@ fn apply(e: &mut Entry, event: Event) -> Result<(), InstanceError> {
         .transition(event)
         .map_err(|source| InstanceError::Transition { name: e.spec.name.clone(), source })?;
     e.status = next;
+    e.status_tx.send_replace(next);
     e.updated_at = Utc::now();
     Ok(())
+}
+
+/// Checks options, policy and the model file (paddock's own GGUF check, on a blocking thread:
+/// it reads the file's metadata).
+async fn validate_spec(spec: &InstanceSpec) -> Result<(), InstanceError> {
+    spec.options.validate().map_err(InstanceError::InvalidOptions)?;
+    spec.policy.validate().map_err(InstanceError::InvalidOptions)?;
+    let Some(path) = spec.model_path().cloned() else { return Ok(()) };
+    if !path.is_file() {
+        return Err(InstanceError::ModelNotFound(path.display().to_string()));
+    }
+    let checked = tokio::task::spawn_blocking(move || crate::models::gguf::validate(&path).map(|_| ()).map_err(|e| (path, e))).await;
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err((path, e))) => Err(InstanceError::InvalidModel { path: path.display().to_string(), reason: e.to_string() }),
+        Err(e) => Err(InstanceError::Store(e.to_string())),
+    }
+}
+
+fn describe_source(source: &ModelSource) -> String {
+    match source {
+        ModelSource::Path { model_path } => model_path.display().to_string(),
+        ModelSource::HuggingFace { hf_repo, hf_file } => format!("{hf_repo} {}", hf_file.as_deref().unwrap_or("")),
+    }
 }
 
 /// The model's own template, or ChatML when it has none or it does not compile (as llama-server).

@@ -26,25 +26,30 @@ pub struct TestServer {
 /// outlives each test's runtime.
 pub fn server() -> &'static TestServer {
     static SERVER: OnceLock<TestServer> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        paddock::logs::init_tracing("error");
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(async move {
-                let data = tempfile::tempdir().unwrap();
-                let config = paddock::Config { data_dir: data.path().to_path_buf(), ..Default::default() };
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap()).unwrap();
-                paddock::serve(listener, paddock::AppState::new(config), std::future::pending()).await.unwrap();
-            });
+    SERVER.get_or_init(|| spawn_server(|_| {}))
+}
+
+/// A new in-process server with its own data dir; `configure` adjusts its config.
+pub fn spawn_server(configure: impl FnOnce(&mut paddock::Config) + Send + 'static) -> TestServer {
+    paddock::logs::init_tracing("error");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let data = tempfile::tempdir().unwrap();
+            let mut config = paddock::Config { data_dir: data.path().to_path_buf(), ..Default::default() };
+            configure(&mut config);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            let state = paddock::AppState::open(config).unwrap();
+            paddock::serve(listener, state, std::future::pending()).await.unwrap();
         });
-        let addr = rx.recv().unwrap();
-        // No pooled connections: each test has its own runtime, and a connection kept alive by a
-        // finished test's runtime is dead for the next test.
-        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-        TestServer { base: format!("http://{addr}"), client }
-    })
+    });
+    let addr = rx.recv().unwrap();
+    // No pooled connections: each test has its own runtime, and a connection kept alive by a
+    // finished test's runtime is dead for the next test.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    TestServer { base: format!("http://{addr}"), client }
 }
 
 impl TestServer {
@@ -60,6 +65,12 @@ impl TestServer {
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let resp = self.client.get(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self.client.put(self.url(path)).json(&body).send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }

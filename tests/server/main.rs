@@ -5,3 +5,4 @@ mod common;
 
 mod generation;
 mod management;
+mod supervision;

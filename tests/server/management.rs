@@ -52,7 +52,7 @@ async fn instance_lifecycle_create_start_stop_delete() {
     assert_error_shape(&body, "INVALID_STATE");
     let (status, body) = s.delete("/api/instances/life").await;
     assert_eq!(status, 409, "deleting a running instance: {body}");
-    assert_error_shape(&body, "INSTANCE_BUSY");
+    assert_error_shape(&body, "INSTANCE_RUNNING");
 
     let (status, body) = s.get("/api/instances/life/logs?lines=50").await;
     assert_eq!(status, 200);
@@ -105,9 +105,19 @@ async fn bad_input_gets_clear_errors() {
     let (status, body) = s
         .post("/api/instances", json!({ "name": "opts", "model_path": model_path(), "options": { "flash": true } }))
         .await;
-    assert_eq!(status, 422, "{body}");
-    assert_error_shape(&body, "INVALID_JSON");
-    assert!(body["details"].as_str().unwrap().contains("flash"), "names the unknown option: {body}");
+    assert_eq!(status, 400, "{body}");
+    assert_error_shape(&body, "INVALID_OPTIONS");
+    assert!(body["details"].as_str().unwrap().contains("unknown field `flash`"), "names the unknown option: {body}");
+
+    let (status, body) = s.post("/api/instances", json!({ "name": "typo", "model_path": model_path(), "auto_restrat": true })).await;
+    assert_eq!(status, 400, "a typo is not silently dropped: {body}");
+    assert!(body["details"].as_str().unwrap().contains("auto_restrat"), "{body}");
+
+    let (status, body) = s
+        .post("/api/instances", json!({ "name": "opts", "model_path": model_path(), "options": { "threads": "many" } }))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["details"].as_str().unwrap().contains("invalid type"), "{body}");
 
     let (status, body) = s
         .post("/api/instances", json!({ "name": "opts", "model_path": model_path(), "options": { "parallel": 0 } }))
@@ -140,25 +150,70 @@ async fn bad_input_gets_clear_errors() {
 }
 
 #[tokio::test]
-async fn a_start_that_cannot_load_fails_with_its_reason() {
+async fn a_file_that_is_not_gguf_is_refused_by_paddocks_own_check() {
     let s = server();
     let dir = tempfile::tempdir().unwrap();
-    let bogus = dir.path().join("not-a-model.gguf");
-    std::fs::write(&bogus, b"GGUF but not really a model file at all").unwrap();
-    let (status, body) = s.post("/api/instances", json!({ "name": "bogus", "model_path": bogus })).await;
-    assert_eq!(status, 201, "{body}");
-    let (status, _) = s.post("/api/instances/bogus/start", json!({})).await;
-    assert_eq!(status, 200);
-    let failed = s.wait_status("bogus", "failed").await;
-    let reason = failed["error"].as_str().unwrap();
-    assert!(reason.contains("not-a-model.gguf"), "the reason names the file: {reason}");
+    for (file, bytes, expect) in [
+        ("elf.gguf", &b"\x7fELF\x02\x01\x01\x00 rest of a binary"[..], "not a GGUF file"),
+        ("truncated.gguf", &std::fs::read(model_path()).unwrap()[..10_000_000], "truncated"),
+        ("empty.gguf", &b""[..], "empty"),
+    ] {
+        let path = dir.path().join(file);
+        std::fs::write(&path, bytes).unwrap();
+        let (status, body) = s.post("/api/instances", json!({ "name": "bogus", "model_path": path })).await;
+        assert_eq!(status, 400, "{file}: {body}");
+        assert_error_shape(&body, "INVALID_MODEL");
+        let details = body["details"].as_str().unwrap();
+        assert!(details.contains(file) && details.contains(expect), "{file}: {details}");
+    }
+    assert_eq!(s.get("/api/instances/bogus").await.0, 404, "nothing was created");
+}
 
-    let (_, logs) = s.get("/api/instances/bogus/logs?level=error").await;
-    assert!(
-        logs["logs"].as_array().unwrap().iter().any(|l| l["message"].as_str().unwrap().contains("start failed")),
-        "{logs}"
-    );
-    // The process survived llama.cpp's failure, and the instance can be deleted.
-    let (status, _) = s.delete("/api/instances/bogus").await;
+/// A model that vanishes after creation: the start fails, the reason is in GET and the logs,
+/// `auto_restart` retries `max_restarts` times, then the instance stays failed; once the file is
+/// back, a manual start works.
+#[tokio::test]
+async fn a_start_that_cannot_load_fails_with_its_reason_and_is_retried() {
+    let s = server();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("vanishing.gguf");
+    std::fs::copy(model_path(), &copy).unwrap();
+    let (status, body) = s
+        .post(
+            "/api/instances",
+            json!({ "name": "vanish", "model_path": copy, "restart_delay": 0.1, "max_restarts": 2, "options": { "ctx_size": 256, "parallel": 1, "threads": 1 } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    std::fs::remove_file(&copy).unwrap();
+    let (status, _) = s.post("/api/instances/vanish/start", json!({})).await;
     assert_eq!(status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let failed = loop {
+        let (_, body) = s.get("/api/instances/vanish").await;
+        if body["status"] == "failed" && body["restarts"] == 2 {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "never settled as failed after 2 restarts: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(failed["error"].as_str().unwrap().contains("vanishing.gguf"), "the reason names the file: {failed}");
+    let (_, logs) = s.get("/api/instances/vanish/logs?level=warn").await;
+    let messages: Vec<&str> = logs["logs"].as_array().unwrap().iter().map(|l| l["message"].as_str().unwrap()).collect();
+    assert!(messages.iter().any(|m| m.starts_with("start failed")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("restart 2 of 2")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.contains("giving up after 2")), "{messages:?}");
+    assert!(
+        logs["logs"].as_array().unwrap().iter().all(|l| l["level"] == "warn" || l["level"] == "error"),
+        "level=warn keeps warn and above only: {logs}"
+    );
+
+    std::fs::copy(model_path(), &copy).unwrap();
+    let (status, _) = s.post("/api/instances/vanish/start", json!({})).await;
+    assert_eq!(status, 200);
+    let running = s.wait_status("vanish", "running").await;
+    assert_eq!(running["restarts"], 0, "a manual start resets the count");
+    let (status, _) = s.post("/api/instances/vanish/stop", json!({ "force": true })).await;
+    assert_eq!(status, 200);
+    assert_eq!(s.delete("/api/instances/vanish").await.0, 200);
 }

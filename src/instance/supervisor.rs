@@ -1,0 +1,361 @@
+//! The lifecycle side of the registry: start, stop, restart, automatic restarts, on-demand
+//! start, idle stops and eviction.
+//!
+//! Every outcome of an asynchronous step (a load finishing, an engine dying, a restart delay
+//! running out) is applied under the registry lock only if the instance's `generation` is still
+//! the one that step belongs to; a stop or a newer start bumps it, which is how a stale result
+//! is recognised without extra state.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tracing::Level;
+
+use super::{apply, chat_template, Event, InstanceError, ModelSource, Registry, Running, Serving, Status};
+use crate::engine::{EngineError, EngineThread, ExitReport};
+
+/// How long a shutdown waits for the engine thread to finish its current step and exit.
+const JOIN_DEADLINE: Duration = Duration::from_secs(30);
+/// How often the supervisor looks for idle instances.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+
+/// How to stop: let in-flight requests finish for up to `timeout`, or cancel them at once.
+#[derive(Debug, Clone, Copy)]
+pub struct StopMode {
+    pub force: bool,
+    pub timeout: Duration,
+}
+
+impl Default for StopMode {
+    fn default() -> Self {
+        StopMode { force: false, timeout: Duration::from_secs(30) }
+    }
+}
+
+type LoadOutcome = Result<(EngineThread, oneshot::Receiver<ExitReport>), EngineError>;
+
+impl Registry {
+    /// Starts an instance: makes room under `max_running_instances` (draining the least recently
+    /// used evictable instance), then begins loading. Returns `starting` at once; the outcome
+    /// (`running`, or `failed` with its reason) is applied when the load ends.
+    pub async fn start(&self, name: &str) -> Result<Status, InstanceError> {
+        self.check_startable(name)?;
+        self.make_room(name).await?;
+        let status = self.begin_start(name, true)?;
+        self.set_desired(name, true).await;
+        Ok(status)
+    }
+
+    fn check_startable(&self, name: &str) -> Result<(), InstanceError> {
+        self.with_entry(name, |e| {
+            e.status.transition(Event::Start).map_err(|source| InstanceError::Transition { name: name.to_string(), source })?;
+            match &e.spec.source {
+                ModelSource::HuggingFace { hf_repo, .. } => {
+                    Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: hf_repo.clone() })
+                }
+                ModelSource::Path { .. } => Ok(()),
+            }
+        })?
+    }
+
+    /// Stops least recently used instances until one more may run.
+    async fn make_room(&self, name: &str) -> Result<(), InstanceError> {
+        loop {
+            let Some(max) = *self.inner.max_running.lock() else { return Ok(()) };
+            let victim = {
+                let map = self.inner.map.lock();
+                let active: Vec<_> = map
+                    .values()
+                    .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
+                    .collect();
+                if active.len() < max {
+                    return Ok(());
+                }
+                active
+                    .iter()
+                    .filter(|e| e.spec.policy.evictable && e.status == Status::Running)
+                    .filter_map(|e| e.running.as_ref().map(|r| (e.spec.name.clone(), r.serving.engine.idle_for())))
+                    .max_by_key(|(_, idle)| *idle)
+                    .map(|(n, _)| n)
+                    .ok_or_else(|| {
+                        let names: Vec<_> = active.iter().map(|e| format!("{} ({})", e.spec.name, e.status)).collect();
+                        InstanceError::NoCapacity(format!(
+                            "max_running_instances is {max} and none of the running instances can be evicted: {}",
+                            names.join(", ")
+                        ))
+                    })?
+            };
+            self.log(&victim, Level::INFO, format!("evicted to make room for '{name}' (max_running_instances {max})"));
+            // A busy instance is drained, never cut off: its requests finish first.
+            let _ = self.stop(&victim, StopMode::default()).await;
+        }
+    }
+
+    /// `manual`: a user's start resets the automatic-restart count.
+    fn begin_start(&self, name: &str, manual: bool) -> Result<Status, InstanceError> {
+        let (config, generation) = {
+            let mut map = self.inner.map.lock();
+            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+            let Some(model_path) = e.spec.model_path().cloned() else {
+                return Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: String::new() });
+            };
+            apply(e, Event::Start)?;
+            e.generation += 1;
+            if manual {
+                e.restarts = 0;
+                e.error = None;
+            }
+            e.cancel_load = Arc::new(AtomicBool::new(false));
+            e.logs.push(Level::INFO, "starting: loading model");
+            (e.spec.options.engine_config(name, model_path, e.logs.clone(), e.cancel_load.clone()), e.generation)
+        };
+        self.publish(name, Status::Starting);
+        let registry = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let outcome = EngineThread::start(config).await;
+            registry.finish_start(&name, generation, outcome).await;
+        });
+        Ok(Status::Starting)
+    }
+
+    async fn finish_start(&self, name: &str, generation: u64, outcome: LoadOutcome) {
+        let mut orphan = None;
+        let mut watch = None;
+        let mut failed = false;
+        let status = {
+            let mut map = self.inner.map.lock();
+            let Some(e) = map.get_mut(name) else { return };
+            match outcome {
+                Ok((thread, exited)) if e.generation == generation && e.status == Status::Starting => {
+                    let template = chat_template(thread.engine().info(), &e.logs);
+                    let serving = Serving { engine: thread.engine().clone(), template };
+                    e.running = Some(Running { thread, serving, since: std::time::Instant::now() });
+                    let _ = apply(e, Event::Loaded);
+                    e.logs.push(Level::INFO, "running");
+                    watch = Some(exited);
+                }
+                // A stop (or a newer start) came in while loading: this engine is not wanted.
+                Ok((thread, _)) => orphan = Some(thread),
+                Err(err) if e.generation == generation && e.status == Status::Starting => {
+                    let _ = apply(e, Event::LoadFailed);
+                    e.logs.push(Level::ERROR, format!("start failed: {err}"));
+                    e.error = Some(err.to_string());
+                    failed = true;
+                }
+                Err(_) => {}
+            }
+            if e.status == Status::Stopping && e.running.is_none() {
+                let _ = apply(e, Event::Halted);
+                e.logs.push(Level::INFO, "stopped");
+            }
+            e.status
+        };
+        if let Some(thread) = orphan {
+            let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE)).await;
+        }
+        self.publish(name, status);
+        if failed {
+            self.schedule_restart(name, generation);
+        }
+        if let Some(exited) = watch {
+            let registry = self.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                let report = exited.await.unwrap_or_else(|_| Err("engine thread vanished".into()));
+                registry.engine_exited(&name, generation, report);
+            });
+        }
+    }
+
+    /// The engine thread ended. If nobody asked it to, the instance has failed.
+    fn engine_exited(&self, name: &str, generation: u64, report: ExitReport) {
+        {
+            let mut map = self.inner.map.lock();
+            let Some(e) = map.get_mut(name).filter(|e| e.generation == generation) else { return };
+            if e.status != Status::Running {
+                return; // a stop is in charge
+            }
+            let _ = apply(e, Event::Crashed);
+            let reason = report.err().unwrap_or_else(|| "engine thread exited".into());
+            e.logs.push(Level::ERROR, format!("engine failed: {reason}"));
+            e.error = Some(reason);
+            e.running = None;
+        }
+        self.publish(name, Status::Failed);
+        self.schedule_restart(name, generation);
+    }
+
+    /// Applies `auto_restart` to a failed instance: after `restart_delay`, start it again, up to
+    /// `max_restarts` times; then leave it failed and say so.
+    fn schedule_restart(&self, name: &str, generation: u64) {
+        let delay = {
+            let mut map = self.inner.map.lock();
+            let Some(e) = map.get_mut(name).filter(|e| e.generation == generation && e.status == Status::Failed) else {
+                return;
+            };
+            let policy = e.spec.policy.clone();
+            if !policy.auto_restart {
+                return;
+            }
+            if e.restarts >= policy.max_restarts {
+                e.logs.push(Level::ERROR, format!("giving up after {} automatic restarts", e.restarts));
+                tracing::error!(instance = name, "giving up after {} automatic restarts", e.restarts);
+                return;
+            }
+            e.restarts += 1;
+            let _ = apply(e, Event::ScheduleRestart);
+            e.logs.push(Level::WARN, format!("restart {} of {} in {} s", e.restarts, policy.max_restarts, policy.restart_delay));
+            Duration::from_secs_f64(policy.restart_delay)
+        };
+        self.publish(name, Status::Restarting);
+        let registry = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let still_waiting =
+                registry.with_entry(&name, |e| e.generation == generation && e.status == Status::Restarting).unwrap_or(false);
+            if still_waiting {
+                let _ = registry.begin_start(&name, false);
+            }
+        });
+    }
+
+    /// Stops an instance. Unless `force`, requests in flight may finish for up to the timeout
+    /// (new ones are refused at once); what is left then is cancelled. A stop during loading
+    /// cancels the load and answers `stopping`.
+    pub async fn stop(&self, name: &str, mode: StopMode) -> Result<Status, InstanceError> {
+        let (running, status) = {
+            let mut map = self.inner.map.lock();
+            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+            let was = e.status;
+            apply(e, Event::Stop)?;
+            // Results of what was under way (a load, a restart timer, an engine exit) are now stale;
+            // a load still in progress finds the instance stopping and completes the stop.
+            e.generation += 1;
+            if was == Status::Starting {
+                e.cancel_load.store(true, Ordering::Relaxed);
+            }
+            e.logs.push(Level::INFO, if e.status == Status::Stopped { "stopped" } else { "stopping" });
+            (e.running.take(), e.status)
+        };
+        self.publish(name, status);
+        self.set_desired(name, false).await;
+        let Some(running) = running else { return Ok(status) };
+        if !mode.force && !running.serving.engine.drain(mode.timeout).await {
+            self.log(name, Level::WARN, format!("requests still running after {:?}; cancelling them", mode.timeout));
+        }
+        let thread = running.thread;
+        drop(running.serving);
+        let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE)).await;
+        let status = {
+            let mut map = self.inner.map.lock();
+            let Some(e) = map.get_mut(name) else { return Ok(Status::Stopped) };
+            let _ = apply(e, Event::Halted);
+            e.logs.push(Level::INFO, "stopped");
+            e.status
+        };
+        self.publish(name, status);
+        Ok(status)
+    }
+
+    /// Stop (gracefully) if running, then start.
+    pub async fn restart(&self, name: &str) -> Result<Status, InstanceError> {
+        let status = self.with_entry(name, |e| e.status)?;
+        if matches!(status, Status::Running | Status::Starting) {
+            self.stop(name, StopMode::default()).await?;
+        }
+        self.start(name).await
+    }
+
+    /// Starts every stopped or failed instance; one result per instance.
+    pub async fn start_all(&self) -> Vec<(String, Result<Status, InstanceError>)> {
+        let names = self.names_where(|s| matches!(s, Status::Stopped | Status::Failed));
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let r = self.start(&name).await;
+            out.push((name, r));
+        }
+        out
+    }
+
+    /// Stops every running or starting instance; one result per instance.
+    pub async fn stop_all(&self, mode: StopMode) -> Vec<(String, Result<Status, InstanceError>)> {
+        let names = self.names_where(|s| matches!(s, Status::Running | Status::Starting | Status::Restarting));
+        let results = futures::future::join_all(names.iter().map(|n| self.stop(n, mode))).await;
+        names.into_iter().zip(results).collect()
+    }
+
+    /// The serving handles of `name`, starting it first if it is stopped and allows on-demand
+    /// starts. Waits on the status channel (no polling) for at most `timeout`.
+    pub async fn serving_or_start(&self, name: &str, timeout: Duration) -> Result<Serving, InstanceError> {
+        match self.serving(name) {
+            Err(InstanceError::NotRunning { .. }) => {}
+            other => return other,
+        }
+        let (on_demand, mut status_rx) = self.with_entry(name, |e| (e.spec.policy.on_demand_start, e.status_tx.subscribe()))?;
+        if !on_demand {
+            return self.serving(name);
+        }
+        match self.start(name).await {
+            // Someone else is starting it, or it came up meanwhile: wait for the same outcome.
+            Ok(_) | Err(InstanceError::Transition { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let settled = tokio::time::timeout(timeout, status_rx.wait_for(|s| !matches!(s, Status::Starting | Status::Stopped))).await;
+        match settled {
+            Err(_) => Err(InstanceError::StartTimeout { name: name.to_string(), secs: timeout.as_secs() }),
+            Ok(_) => self.serving(name).map_err(|e| match e {
+                InstanceError::NotRunning { .. } => {
+                    let reason = self.with_entry(name, |e| e.error.clone()).ok().flatten().unwrap_or_else(|| "stopped".into());
+                    InstanceError::StartFailed { name: name.to_string(), reason }
+                }
+                other => other,
+            }),
+        }
+    }
+
+    /// Runs the background supervision (idle stops) until the registry is dropped.
+    pub fn spawn_supervisor(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_CHECK);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let registry = Registry { inner };
+                for name in registry.idle_instances() {
+                    registry.log(&name, Level::INFO, "idle timeout reached; stopping");
+                    let _ = registry.stop(&name, StopMode::default()).await;
+                }
+            }
+        });
+    }
+
+    fn idle_instances(&self) -> Vec<String> {
+        let map = self.inner.map.lock();
+        map.values()
+            .filter(|e| e.status == Status::Running && e.spec.policy.idle_timeout > 0.0)
+            .filter(|e| {
+                e.running.as_ref().is_some_and(|r| {
+                    let engine = &r.serving.engine;
+                    !engine.is_busy() && engine.idle_for().as_secs_f64() > e.spec.policy.idle_timeout * 60.0
+                })
+            })
+            .map(|e| e.spec.name.clone())
+            .collect()
+    }
+
+    fn names_where(&self, keep: impl Fn(Status) -> bool) -> Vec<String> {
+        let map = self.inner.map.lock();
+        let mut names: Vec<String> = map.values().filter(|e| keep(e.status)).map(|e| e.spec.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    fn log(&self, name: &str, level: Level, message: impl Into<String>) {
+        let _ = self.with_entry(name, |e| e.logs.push(level, message));
+    }
+}

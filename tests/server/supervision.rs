@@ -1,0 +1,199 @@
+//! The supervisor through the API: both create forms, updates, restart, start-all/stop-all,
+//! graceful and forced stops, on-demand start, idle stop, eviction.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::common::{greedy, model_path, server, spawn_server, TestServer};
+
+fn small() -> Value {
+    json!({ "ctx_size": 256, "parallel": 1, "threads": 1 })
+}
+
+async fn wait_for(s: &TestServer, name: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = s.get(&format!("/api/instances/{name}")).await;
+        if check(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{name}: {what} never happened: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn llamactl_create_form_update_and_restart() {
+    let s = server();
+    let mut options = small();
+    options["model"] = json!(model_path());
+    let (status, body) = s
+        .post(
+            "/api/v1/instances/form2.v1",
+            json!({ "backend_type": "llama_cpp", "backend_options": options, "auto_restart": false, "idle_timeout": 0, "on_demand_start": false }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let inst = &body["instance"];
+    assert_eq!(inst["name"], "form2.v1", "dots are allowed in names");
+    assert_eq!(inst["model_path"], model_path().to_str().unwrap());
+    assert_eq!(inst["options"]["context_size"], 256);
+    assert_eq!(inst["auto_restart"], false);
+    assert_eq!(inst["on_demand_start"], false);
+    assert_eq!(inst["max_restarts"], 3, "defaults fill what is not given");
+    assert!(inst["pid"].as_u64().unwrap() > 0);
+
+    let (status, body) = s.post("/api/instances/form2.v1", json!({ "backend_options": { "model": model_path() } })).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = s.post("/api/instances/x", json!({ "backend_type": "vllm", "backend_options": {} })).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = s.post("/api/instances/hf", json!({ "backend_options": { "hf_repo": "unsloth/gemma-3-270m-it-GGUF" } })).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["instance"]["hf_repo"], "unsloth/gemma-3-270m-it-GGUF");
+    let (status, body) = s.post("/api/instances/hf/start", json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "MODEL_NOT_AVAILABLE");
+
+    // A partial update of a stopped instance applies at once.
+    let (status, body) = s.put("/api/instances/form2.v1", json!({ "options": { "threads": 2 } })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], false);
+    assert_eq!(body["instance"]["options"]["threads"], 2);
+    assert_eq!(body["instance"]["options"]["context_size"], 256, "other options are kept");
+
+    s.post("/api/instances/form2.v1/start", json!({})).await;
+    s.wait_status("form2.v1", "running").await;
+    // Updating a running instance applies on restart (llamactl's form is accepted by PUT too).
+    let (status, body) = s.put("/api/instances/form2.v1", json!({ "backend_options": { "ctx_size": 512 } })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], true);
+    assert!(body["message"].as_str().unwrap().contains("restart"));
+    assert_eq!(s.get("/api/instances/form2.v1").await.1["model"]["n_ctx"], 256, "still the old context until restarted");
+    let (status, body) = s.post("/api/instances/form2.v1/restart", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "starting");
+    let running = s.wait_status("form2.v1", "running").await;
+    assert_eq!(running["model"]["n_ctx"], 512, "the update applied on restart");
+
+    let (status, body) = s.put("/api/instances/form2.v1", json!({ "options": { "parallel": 0 } })).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "INVALID_OPTIONS");
+    let (status, body) = s.put("/api/instances/nope", json!({ "options": {} })).await;
+    assert_eq!(status, 404, "{body}");
+
+    let (status, body) = s.post("/api/instances/form2.v1/stop", json!({ "force": true })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "stopped");
+    assert_eq!(s.delete("/api/instances/form2.v1").await.0, 200);
+    assert_eq!(s.delete("/api/instances/hf").await.0, 200);
+}
+
+/// A graceful stop lets an in-flight generation finish; a forced one cuts it.
+#[tokio::test]
+async fn graceful_stop_drains_and_force_cancels() {
+    let s = server();
+    for (name, force) in [("drain", false), ("force", true)] {
+        let create = json!({ "name": name, "model_path": model_path(), "on_demand_start": false, "options": { "ctx_size": 512, "parallel": 1, "threads": 1 } });
+        assert_eq!(s.post("/api/instances", create).await.0, 201);
+        s.post(&format!("/api/instances/{name}/start"), json!({})).await;
+        s.wait_status(name, "running").await;
+        let req = json!({ "model": name, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": true });
+        let resp = s.client.post(s.url("/v1/completions")).json(&req).send().await.unwrap();
+        let mut body = resp.bytes_stream();
+        body.next().await.unwrap().unwrap(); // generation under way
+        let stop_path = format!("/api/instances/{name}/stop");
+        let stop = s.post(&stop_path, json!({ "force": force, "timeout": 60 }));
+        let (stopped, rest) = futures::join!(stop, async {
+            let mut text = String::new();
+            while let Some(chunk) = body.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            }
+            text
+        });
+        assert_eq!(stopped.0, 200, "{:?}", stopped.1);
+        assert_eq!(stopped.1["status"], "stopped");
+        if force {
+            assert!(rest.contains("\"error\""), "a forced stop ends the stream with an error event: {rest}");
+        } else {
+            assert!(rest.contains("\"finish_reason\":\"length\""), "the request ran to its end: {rest}");
+        }
+        assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+        assert_eq!(s.delete(&format!("/api/instances/{name}")).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn start_all_and_stop_all_report_each_instance() {
+    let s = spawn_server(|_| {});
+    for name in ["a1", "a2"] {
+        let (status, _) = s.post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": small() })).await;
+        assert_eq!(status, 201);
+    }
+    let (status, body) = s.post("/api/instances/start-all", json!({})).await;
+    assert_eq!(status, 200);
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{body}");
+    assert!(results.iter().all(|r| r["status"] == "starting"), "{body}");
+    s.wait_status("a1", "running").await;
+    s.wait_status("a2", "running").await;
+    let (status, body) = s.post("/api/v1/instances/stop-all", json!({})).await;
+    assert_eq!(status, 200);
+    assert!(body["results"].as_array().unwrap().iter().all(|r| r["status"] == "stopped"), "{body}");
+    let (_, list) = s.get("/api/instances").await;
+    assert!(list["instances"].as_array().unwrap().iter().all(|i| i["status"] == "stopped"));
+}
+
+/// A /v1 request for a stopped instance starts it; an idle one stops by itself; health checks
+/// and management reads do not count as activity.
+#[tokio::test]
+async fn on_demand_start_and_idle_stop() {
+    let s = server();
+    let name = "ondemand";
+    let (status, body) = s
+        .post("/api/instances", json!({ "name": name, "model_path": model_path(), "idle_timeout": 0.03, "options": small() }))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (text, body) = greedy(s, name, "The capital of France is", 2).await;
+    assert_eq!(body["usage"]["completion_tokens"], 2, "{text:?}");
+    assert_eq!(s.get(&format!("/api/instances/{name}")).await.1["status"], "running");
+    // 0.03 min = 1.8 s without inference traffic; polling health and GET meanwhile must not keep it up.
+    let stopped = wait_for(s, name, "idle stop", |b| {
+        b["status"] == "stopped"
+    })
+    .await;
+    assert_eq!(stopped["status"], "stopped");
+    let (_, health) = s.get(&format!("/api/instances/{name}/health")).await;
+    assert_eq!(health["status"], "stopped");
+    let (_, logs) = s.get(&format!("/api/instances/{name}/logs")).await;
+    assert!(logs["logs"].as_array().unwrap().iter().any(|l| l["message"] == "idle timeout reached; stopping"));
+    assert_eq!(s.delete(&format!("/api/instances/{name}")).await.0, 200);
+}
+
+/// With max_running_instances 1, starting another instance evicts the least recently used one;
+/// a non-evictable one blocks the start with the reason.
+#[tokio::test]
+async fn eviction_under_max_running_instances() {
+    let s = spawn_server(|c| c.max_running_instances = Some(1));
+    for name in ["e1", "e2"] {
+        s.post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": small() })).await;
+    }
+    s.post("/api/instances", json!({ "name": "pinned", "model_path": model_path(), "evictable": false, "options": small() })).await;
+    s.post("/api/instances/e1/start", json!({})).await;
+    s.wait_status("e1", "running").await;
+    // On-demand start of e2 evicts e1.
+    let (text, body) = greedy(&s, "e2", "Hello", 1).await;
+    assert_eq!(body["usage"]["completion_tokens"], 1, "{text:?}");
+    assert_eq!(s.get("/api/instances/e1").await.1["status"], "stopped");
+    let (_, logs) = s.get("/api/instances/e1/logs").await;
+    assert!(logs["logs"].as_array().unwrap().iter().any(|l| l["message"].as_str().unwrap().starts_with("evicted to make room for 'e2'")));
+
+    s.post("/api/instances/e2/stop", json!({})).await;
+    s.post("/api/instances/pinned/start", json!({})).await;
+    s.wait_status("pinned", "running").await;
+    let (status, body) = s.post("/api/instances/e1/start", json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "NO_CAPACITY");
+    assert!(body["details"].as_str().unwrap().contains("pinned"), "{body}");
+}
