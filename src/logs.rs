@@ -28,10 +28,18 @@ pub struct LogLine {
     pub message: String,
 }
 
-/// A bounded ring buffer of log lines. Its lock is held only to push or copy lines.
-#[derive(Debug, Default)]
+/// A bounded ring buffer of log lines, plus a broadcast of new lines for followers. Its lock is
+/// held only to push or copy lines.
+#[derive(Debug)]
 pub struct LogBuffer {
     lines: Mutex<VecDeque<LogLine>>,
+    follow: tokio::sync::broadcast::Sender<LogLine>,
+}
+
+impl Default for LogBuffer {
+    fn default() -> Self {
+        LogBuffer { lines: Mutex::new(VecDeque::new()), follow: tokio::sync::broadcast::channel(1024).0 }
+    }
 }
 
 impl LogBuffer {
@@ -41,13 +49,26 @@ impl LogBuffer {
         if lines.len() == LOG_CAPACITY {
             lines.pop_front();
         }
+        // Sent under the lock so a follower that subscribed while copying the tail sees each
+        // line exactly once.
+        let _ = self.follow.send(line.clone());
         lines.push_back(line);
+    }
+
+    /// The last `n` lines (as [`LogBuffer::tail`]) and a receiver of every line pushed after them.
+    pub fn follow(&self, n: usize, min_level: Option<Level>) -> (Vec<LogLine>, tokio::sync::broadcast::Receiver<LogLine>) {
+        let lines = self.lines.lock();
+        let rx = self.follow.subscribe();
+        (Self::tail_of(&lines, n, min_level), rx)
     }
 
     /// The last `n` lines at or above `min_level`, oldest first.
     pub fn tail(&self, n: usize, min_level: Option<Level>) -> Vec<LogLine> {
-        let lines = self.lines.lock();
-        let keep = |l: &&LogLine| min_level.is_none_or(|min| level_rank(l.level) >= level_rank(level_name(min)));
+        Self::tail_of(&self.lines.lock(), n, min_level)
+    }
+
+    fn tail_of(lines: &VecDeque<LogLine>, n: usize, min_level: Option<Level>) -> Vec<LogLine> {
+        let keep = |l: &&LogLine| at_least(l, min_level);
         let mut out: Vec<LogLine> = lines.iter().rev().filter(keep).take(n).cloned().collect();
         out.reverse();
         out
@@ -62,6 +83,11 @@ fn level_name(level: Level) -> &'static str {
         Level::DEBUG => "debug",
         Level::TRACE => "trace",
     }
+}
+
+/// Whether `line` is at or above `min_level`.
+pub fn at_least(line: &LogLine, min_level: Option<Level>) -> bool {
+    min_level.is_none_or(|min| level_rank(line.level) >= level_rank(level_name(min)))
 }
 
 fn level_rank(name: &str) -> u8 {

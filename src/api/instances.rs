@@ -6,7 +6,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
+use futures::StreamExt;
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
@@ -232,6 +234,8 @@ async fn stop_all(State(state): State<AppState>, body: Bytes) -> Result<impl Int
 struct LogQuery {
     lines: Option<usize>,
     level: Option<String>,
+    #[serde(default)]
+    follow: bool,
 }
 
 async fn logs(
@@ -245,8 +249,28 @@ async fn logs(
             ApiError::bad_request("Invalid log level").with_details(format!("level must be debug, info, warn or error, got '{l}'"))
         })?),
     };
-    let logs = state.registry.logs(&name, q.lines.unwrap_or(100), level)?;
-    Ok(axum::Json(json!({ "logs": logs })))
+    let lines = q.lines.unwrap_or(100);
+    if !q.follow {
+        let logs = state.registry.logs(&name, lines, level)?;
+        return Ok(axum::Json(json!({ "logs": logs })).into_response());
+    }
+    // follow=true: the tail, then every new line, as SSE events of one line each, until the
+    // client leaves (or the instance is deleted and its buffer dropped).
+    let (tail, rx) = state.registry.log_buffer(&name)?.follow(lines, level);
+    let backlog = futures::stream::iter(tail.into_iter().map(Ok));
+    let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |r| {
+        futures::future::ready(match r {
+            Ok(line) if crate::logs::at_least(&line, level) => Some(Ok(line)),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Ok(crate::logs::LogLine { timestamp: chrono::Utc::now(), level: "warn", message: format!("{n} lines skipped") }))
+            }
+        })
+    });
+    let events = backlog.chain(live).map(|r: Result<crate::logs::LogLine, std::convert::Infallible>| {
+        r.map(|line| Event::default().data(serde_json::to_string(&line).unwrap_or_default()))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
 async fn health(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

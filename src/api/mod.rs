@@ -35,6 +35,7 @@ pub struct AppState {
     pub registry: Registry,
     pub config: Arc<Config>,
     pub started: Instant,
+    pub system: system::SystemProbe,
 }
 
 impl AppState {
@@ -43,7 +44,7 @@ impl AppState {
         config.prepare().map_err(|e| e.to_string())?;
         let registry = Registry::open(&config.data_dir.join(DATABASE)).map_err(|e| e.to_string())?;
         registry.set_max_running(config.max_running_instances);
-        Ok(AppState { registry, config: Arc::new(config), started: Instant::now() })
+        Ok(AppState { registry, config: Arc::new(config), started: Instant::now(), system: Default::default() })
     }
 }
 

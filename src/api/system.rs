@@ -1,16 +1,22 @@
-//! Server information and liveness.
+//! Server information, status and liveness.
+
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use parking_lot::Mutex;
 use serde_json::json;
+use sysinfo::{Disks, Pid, ProcessesToUpdate, System};
 
+use super::error::ApiError;
 use super::AppState;
 use crate::build;
+use crate::instance::Status;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/system/info", get(info))
+    Router::new().route("/system/info", get(info)).route("/system/status", get(status)).route("/config", get(config))
 }
 
 /// Routes outside `/api`.
@@ -18,16 +24,96 @@ pub fn root_routes() -> Router<AppState> {
     Router::new().route("/health", get(health))
 }
 
+/// One `sysinfo::System` kept between calls: CPU usage is the change since the previous refresh.
+#[derive(Clone, Default)]
+pub struct SystemProbe(Arc<Mutex<Option<System>>>);
+
+struct Resources {
+    cpu_usage: f32,
+    memory_used: u64,
+    memory_total: u64,
+    process_memory: u64,
+    disk_usage: f64,
+}
+
+impl SystemProbe {
+    fn sample(&self, data_dir: &std::path::Path) -> Resources {
+        let mut guard = self.0.lock();
+        let sys = guard.get_or_insert_with(|| {
+            let mut s = System::new();
+            s.refresh_cpu_usage();
+            s
+        });
+        sys.refresh_cpu_usage();
+        sys.refresh_memory();
+        let pid = Pid::from_u32(std::process::id());
+        sys.refresh_processes(ProcessesToUpdate::Some(&[pid]), true);
+        let process_memory = sys.process(pid).map(|p| p.memory()).unwrap_or(0);
+        // The disk that holds the data dir: the longest mount point that prefixes it.
+        let disks = Disks::new_with_refreshed_list();
+        let disk_usage = disks
+            .iter()
+            .filter(|d| data_dir.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len())
+            .map(|d| 100.0 * (1.0 - d.available_space() as f64 / d.total_space().max(1) as f64))
+            .unwrap_or(0.0);
+        Resources {
+            cpu_usage: sys.global_cpu_usage(),
+            memory_used: sys.used_memory(),
+            memory_total: sys.total_memory(),
+            process_memory,
+            disk_usage,
+        }
+    }
+}
+
 async fn info(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({
-        "version": build::VERSION,
-        "git_revision": build::GIT_REVISION,
-        "build_time": build::build_time(),
+        "hostname": System::host_name().unwrap_or_default(),
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
         "cpu_count": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "memory_total": System::new_with_specifics(sysinfo::RefreshKind::nothing().with_memory(sysinfo::MemoryRefreshKind::everything())).total_memory(),
+        "version": build::VERSION,
+        "git_revision": build::GIT_REVISION,
+        "build_time": build::build_time(),
         "uptime": state.started.elapsed().as_secs(),
     }))
+}
+
+async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let instances = state.registry.list();
+    let count = |s: Status| instances.iter().filter(|i| i.status == s).count();
+    let probe = state.system.clone();
+    let data_dir = state.config.data_dir.clone();
+    let r = tokio::task::spawn_blocking(move || probe.sample(&data_dir))
+        .await
+        .map_err(|e| ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "status probe failed").with_details(e.to_string()))?;
+    Ok(axum::Json(json!({
+        "version": build::VERSION,
+        "uptime": state.started.elapsed().as_secs(),
+        "instances": {
+            "total": instances.len(),
+            "running": count(Status::Running),
+            "starting": count(Status::Starting),
+            "stopping": count(Status::Stopping),
+            "stopped": count(Status::Stopped),
+            "failed": count(Status::Failed),
+            "restarting": count(Status::Restarting),
+        },
+        "resources": {
+            "cpu_usage": r.cpu_usage,
+            "memory_usage": r.memory_used,
+            "memory_total": r.memory_total,
+            "process_memory": r.process_memory,
+            "disk_usage": r.disk_usage,
+        },
+    })))
+}
+
+/// The effective configuration (paddock has no secrets in it yet).
+async fn config(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(json!(*state.config))
 }
 
 async fn health() -> impl IntoResponse {

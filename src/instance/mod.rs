@@ -430,6 +430,11 @@ impl Registry {
         self.with_entry(name, |e| e.logs.tail(lines, min_level))
     }
 
+    /// The instance's log buffer, for following it.
+    pub fn log_buffer(&self, name: &str) -> Result<Arc<LogBuffer>, InstanceError> {
+        self.with_entry(name, |e| e.logs.clone())
+    }
+
     /// The serving handles of a running instance (for routing a request).
     pub fn serving(&self, name: &str) -> Result<Serving, InstanceError> {
         self.with_entry(name, |e| {

@@ -217,3 +217,60 @@ async fn a_start_that_cannot_load_fails_with_its_reason_and_is_retried() {
     assert_eq!(status, 200);
     assert_eq!(s.delete("/api/instances/vanish").await.0, 200);
 }
+
+#[tokio::test]
+async fn system_status_info_and_config() {
+    let s = server();
+    let (status, body) = s.get("/api/system/status").await;
+    assert_eq!(status, 200);
+    let total = body["instances"]["total"].as_u64().unwrap();
+    let by_status: u64 = ["running", "starting", "stopping", "stopped", "failed", "restarting"]
+        .iter()
+        .map(|k| body["instances"][k].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, by_status, "{body}");
+    assert!(body["resources"]["memory_total"].as_u64().unwrap() > 1 << 30, "{body}");
+    assert!(body["resources"]["process_memory"].as_u64().unwrap() > 0, "{body}");
+    assert!(body["resources"]["cpu_usage"].as_f64().is_some(), "{body}");
+    let disk = body["resources"]["disk_usage"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&disk), "{body}");
+
+    let (status, info) = s.get("/api/system/info").await;
+    assert_eq!(status, 200);
+    assert!(!info["hostname"].as_str().unwrap().is_empty());
+    assert_eq!(info["memory_total"], body["resources"]["memory_total"]);
+    assert!(info["build_time"].as_str().unwrap().starts_with("20"), "{info}");
+
+    let (status, config) = s.get("/api/config").await;
+    assert_eq!(status, 200);
+    assert_eq!(config["host"], "127.0.0.1");
+    assert_eq!(config["on_demand_start_timeout"], 120);
+}
+
+#[tokio::test]
+async fn logs_follow_streams_new_lines() {
+    use futures::StreamExt;
+    let s = server();
+    let (status, _) = s
+        .post("/api/instances", json!({ "name": "follow", "model_path": model_path(), "options": { "ctx_size": 256, "parallel": 1, "threads": 1 } }))
+        .await;
+    assert_eq!(status, 201);
+    let resp = s.client.get(s.url("/api/instances/follow/logs?follow=true&lines=1&level=info")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut stream = resp.bytes_stream();
+    s.post("/api/instances/follow/start", json!({})).await;
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !seen.contains("\"message\":\"running\"") {
+        assert!(std::time::Instant::now() < deadline, "no 'running' line followed: {seen}");
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(60), stream.next()).await.unwrap().unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let lines = crate::common::parse_sse(&seen);
+    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["message"], "instance created with model ".to_string() + model_path().to_str().unwrap(), "the tail (lines=1) comes first");
+    assert!(lines.iter().any(|l| l.contains("starting: loading model")), "{seen}");
+    assert!(!seen.contains("\"level\":\"debug\""), "level=info filters debug lines");
+    drop(stream);
+    s.post("/api/instances/follow/stop", json!({ "force": true })).await;
+}

@@ -1,0 +1,155 @@
+//! Instances survive restarts of paddock, and a kill -9 in the middle of a burst of changes
+//! loses no acknowledged change and leaves the database intact. Runs the real binary.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[path = "common/mod.rs"]
+mod common;
+
+struct Paddock {
+    child: Child,
+    base: String,
+}
+
+impl Paddock {
+    async fn start(data: &Path) -> Paddock {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_paddock"))
+            .args(["serve", "--port", &port.to_string(), "--data-dir", data.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Paddock { child, base: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client().get(format!("{}/health", p.base)).send().await.is_err() {
+            assert!(Instant::now() < deadline, "paddock did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Paddock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+async fn get(base: &str, path: &str) -> Value {
+    client().get(format!("{base}{path}")).send().await.unwrap().json().await.unwrap()
+}
+
+async fn wait_status(base: &str, name: &str, want: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = get(base, &format!("/api/instances/{name}")).await;
+        if body["status"] == want {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{name} never became {want}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
+    let model = common::model_path();
+    let data = tempfile::tempdir().unwrap();
+    let mut first = Paddock::start(data.path()).await;
+    let c = client();
+    let small = json!({ "ctx_size": 256, "parallel": 1, "threads": 1 });
+    for name in ["keep", "cold"] {
+        let r = c
+            .post(format!("{}/api/instances", first.base))
+            .json(&json!({ "name": name, "model_path": model, "options": small }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+    }
+    c.post(format!("{}/api/instances/keep/start", first.base)).send().await.unwrap();
+    wait_status(&first.base, "keep", "running").await;
+
+    // A burst of creates and updates from 8 concurrent clients; kill -9 once 20 are acknowledged.
+    let acked_creates = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let acked_threads = Arc::new(AtomicUsize::new(0));
+    let acks = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (base, model, creates, threads, acks) =
+            (first.base.clone(), model.clone(), acked_creates.clone(), acked_threads.clone(), acks.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for i in 0..40 {
+                let name = format!("burst-{worker}-{i}");
+                let create = c.post(format!("{base}/api/instances")).json(&json!({ "name": name, "model_path": model })).send().await;
+                match create {
+                    Ok(r) if r.status().as_u16() == 201 => creates.lock().push(name),
+                    _ => return,
+                }
+                acks.fetch_add(1, Ordering::SeqCst);
+                // Updates of one instance come from worker 0 only, in order, so the last
+                // acknowledged value is the lower bound of what must survive.
+                if worker == 0 {
+                    let value = i + 1;
+                    let r = c.put(format!("{base}/api/instances/cold")).json(&json!({ "options": { "threads": value } })).send().await;
+                    match r {
+                        Ok(r) if r.status().as_u16() == 200 => threads.store(value, Ordering::SeqCst),
+                        _ => return,
+                    }
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.load(Ordering::SeqCst) < 20 {
+        assert!(Instant::now() < deadline, "the burst did not get going");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill9();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let acked = acked_creates.lock().clone();
+    let min_threads = acked_threads.load(Ordering::SeqCst);
+    assert!(acked.len() >= 20);
+
+    let db = data.path().join("paddock.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    let second = Paddock::start(data.path()).await;
+    let list = get(&second.base, "/api/instances").await;
+    let names: Vec<&str> = list["instances"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+    for name in &acked {
+        assert!(names.contains(&name.as_str()), "acknowledged create of {name} lost; have {names:?}");
+    }
+    let cold = get(&second.base, "/api/instances/cold").await;
+    let threads = cold["options"]["threads"].as_u64().unwrap_or(0) as usize;
+    assert!(threads >= min_threads, "acknowledged update lost: threads {threads} < {min_threads}");
+    assert_eq!(cold["status"], "stopped", "an instance that was stopped stays stopped");
+    // The instance that was running comes back up by itself.
+    let keep = wait_status(&second.base, "keep", "running").await;
+    assert_eq!(keep["options"]["context_size"], 256);
+}
