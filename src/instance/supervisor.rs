@@ -227,7 +227,7 @@ impl Registry {
     /// (new ones are refused at once); what is left then is cancelled. A stop during loading
     /// cancels the load and answers `stopping`.
     pub async fn stop(&self, name: &str, mode: StopMode) -> Result<Status, InstanceError> {
-        let (running, status) = {
+        let (running, mut status_rx) = {
             let mut map = self.inner.map.lock();
             let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
             let was = e.status;
@@ -239,11 +239,17 @@ impl Registry {
                 e.cancel_load.store(true, Ordering::Relaxed);
             }
             e.logs.push(Level::INFO, if e.status == Status::Stopped { "stopped" } else { "stopping" });
-            (e.running.take(), e.status)
+            (e.running.take(), e.status_tx.subscribe())
         };
+        let status = *status_rx.borrow_and_update();
         self.publish(name, status);
         self.set_desired(name, false).await;
-        let Some(running) = running else { return Ok(status) };
+        let Some(running) = running else {
+            // Stopping a load: it is cancelled at llama.cpp's next progress callback; answer once
+            // the instance has stopped, so that a DELETE right after succeeds (as with llamactl).
+            let _ = tokio::time::timeout(JOIN_DEADLINE, status_rx.wait_for(|s| *s != Status::Stopping)).await;
+            return Ok(*status_rx.borrow());
+        };
         if !mode.force && !running.serving.engine.drain(mode.timeout).await {
             self.log(name, Level::WARN, format!("requests still running after {:?}; cancelling them", mode.timeout));
         }

@@ -197,3 +197,19 @@ async fn eviction_under_max_running_instances() {
     assert_eq!(body["code"], "NO_CAPACITY");
     assert!(body["details"].as_str().unwrap().contains("pinned"), "{body}");
 }
+
+/// A stop while the model loads cancels the load and answers once stopped, so the seed's
+/// lifecycle example (start, stop, delete) works without waiting in between.
+#[tokio::test]
+async fn stop_during_load_answers_stopped_and_delete_follows() {
+    let s = server();
+    let (status, _) = s.post("/api/instances", json!({ "name": "quick", "model_path": model_path(), "options": small() })).await;
+    assert_eq!(status, 201);
+    let (status, body) = s.post("/api/instances/quick/start", json!({})).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("starting")));
+    let (status, body) = s.post("/api/instances/quick/stop", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "stopped", "{body}");
+    let (status, body) = s.delete("/api/instances/quick").await;
+    assert_eq!(status, 200, "{body}");
+}
