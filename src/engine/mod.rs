@@ -360,9 +360,10 @@ impl Engine {
     /// Admits a request and waits until the worker has validated it (tokenized, within the
     /// context). Errors here happen before any response byte is sent, so they get real statuses.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|_| EngineError::Overloaded {
-            slots: self.info.n_parallel,
-            queued: self.queue_size,
+        let permit = self.permits.clone().try_acquire_owned().map_err(|e| match e {
+            // Closed by a drain: the instance is stopping.
+            tokio::sync::TryAcquireError::Closed => EngineError::Stopped,
+            tokio::sync::TryAcquireError::NoPermits => EngineError::Overloaded { slots: self.info.n_parallel, queued: self.queue_size },
         })?;
         self.stats.mark_active();
         let (events, mut rx) = mpsc::unbounded_channel();
