@@ -46,18 +46,111 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
 }
 
+/// A change to the configuration (`PUT /api/config`): only the keys given change; `null`
+/// clears `max_running_instances`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "some")]
+    pub max_running_instances: Option<Option<usize>>,
+    pub on_demand_start_timeout: Option<u64>,
+}
+
+fn some<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Which keys of a change took effect at once and which wait for a restart of paddock.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct ChangeReport {
+    pub applied: Vec<&'static str>,
+    pub restart_required: Vec<&'static str>,
+}
+
+impl Config {
+    /// The configuration with `patch` applied, and which changes apply live.
+    pub fn patched(&self, patch: &ConfigPatch) -> Result<(Config, ChangeReport), String> {
+        let mut next = self.clone();
+        let mut report = ChangeReport::default();
+        macro_rules! set {
+            ($field:ident, $live:expr) => {
+                if let Some(v) = &patch.$field {
+                    if *v != next.$field {
+                        next.$field = v.clone();
+                        if $live { report.applied.push(stringify!($field)) } else { report.restart_required.push(stringify!($field)) }
+                    }
+                }
+            };
+        }
+        set!(host, false);
+        set!(port, false);
+        set!(data_dir, false);
+        set!(max_running_instances, true);
+        set!(on_demand_start_timeout, true);
+        next.validate()?;
+        Ok((next, report))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_running_instances == Some(0) {
+            return Err("max_running_instances must be at least 1 (or null for no limit)".into());
+        }
+        if self.on_demand_start_timeout == 0 || self.on_demand_start_timeout > 86_400 {
+            return Err(format!("on_demand_start_timeout must be between 1 and 86400 seconds, got {}", self.on_demand_start_timeout));
+        }
+        Ok(())
+    }
+
+    /// Writes the configuration to `path` atomically: a temporary file in the same directory,
+    /// synced, then renamed over the old one, so a crash leaves either the old or the new file.
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let yaml = serde_yaml::to_string(self).map_err(std::io::Error::other)?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(yaml.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// The config file paddock uses when none is given: `paddock.yaml` in the data dir.
+pub const DEFAULT_FILE: &str = "paddock.yaml";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config file {path}: {source}")]
     Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("invalid configuration in {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
     #[error("cannot create data dir {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
 }
 
 impl Config {
-    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
+    /// Loads `file`, or else `paddock.yaml` in the data dir if it exists; returns the config and
+    /// the file that `PUT /api/config` writes to.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<(Config, PathBuf), ConfigError> {
+        let data_dir = overrides.data_dir.clone().unwrap_or_else(default_data_dir);
+        let default_file = data_dir.join(DEFAULT_FILE);
+        let file = file.map(Path::to_path_buf).or_else(|| default_file.is_file().then(|| default_file.clone()));
+        let config = Self::load_file(file.as_deref(), overrides)?;
+        config.validate().map_err(|reason| ConfigError::Invalid { path: file.clone().unwrap_or_default(), reason })?;
+        let path = file.unwrap_or_else(|| config.data_dir.join(DEFAULT_FILE));
+        Ok((config, path))
+    }
+
+    fn load_file(file: Option<&Path>, overrides: Overrides) -> Result<Config, ConfigError> {
         let mut config = match file {
             None => Config::default(),
             Some(path) => {
@@ -96,7 +189,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("paddock.yaml");
         std::fs::write(&file, "port: 9000\nhost: 0.0.0.0\n").unwrap();
-        let c = Config::load(Some(&file), Overrides { port: Some(9100), ..Default::default() }).unwrap();
+        let (c, path) = Config::load(Some(&file), Overrides { port: Some(9100), ..Default::default() }).unwrap();
+        assert_eq!(path, file);
         assert_eq!(c.port, 9100);
         assert_eq!(c.host.to_string(), "0.0.0.0");
         assert_eq!(c.data_dir, default_data_dir());
@@ -109,5 +203,24 @@ mod tests {
         std::fs::write(&file, "prot: 9000\n").unwrap();
         let err = Config::load(Some(&file), Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("unknown field `prot`"), "{err}");
+    }
+
+    #[test]
+    fn patches_report_live_and_restart_changes_and_save_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Config { data_dir: dir.path().into(), ..Default::default() };
+        let patch: ConfigPatch = serde_json::from_str(r#"{"port": 9001, "max_running_instances": 2}"#).unwrap();
+        let (next, report) = base.patched(&patch).unwrap();
+        assert_eq!(report, ChangeReport { applied: vec!["max_running_instances"], restart_required: vec!["port"] });
+        let clear: ConfigPatch = serde_json::from_str(r#"{"max_running_instances": null}"#).unwrap();
+        assert_eq!(next.patched(&clear).unwrap().0.max_running_instances, None);
+        let zero: ConfigPatch = serde_json::from_str(r#"{"max_running_instances": 0}"#).unwrap();
+        assert!(next.patched(&zero).unwrap_err().contains("at least 1"));
+        let path = dir.path().join(DEFAULT_FILE);
+        next.save(&path).unwrap();
+        // Without --config, the data dir's paddock.yaml is read.
+        let (loaded, used) = Config::load(None, Overrides { data_dir: Some(dir.path().into()), ..Default::default() }).unwrap();
+        assert_eq!(used, path);
+        assert_eq!(loaded, next);
     }
 }

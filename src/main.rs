@@ -84,10 +84,10 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let overrides = Overrides { host: args.host, port: args.port, data_dir: args.data_dir.clone() };
-    let config = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
+    let (config, config_path) = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let state = AppState::open(config)?;
+    let state = AppState::open(config, config_path)?;
     tracing::info!("paddock {} listening on http://{}", paddock::build::VERSION, listener.local_addr().unwrap_or(addr));
 
     if let Some(model_path) = args.model {

@@ -15,6 +15,7 @@ pub mod openai;
 pub mod system;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,18 +34,28 @@ pub const DATABASE: &str = "paddock.db";
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Registry,
-    pub config: Arc<Config>,
+    /// The effective configuration; `PUT /api/config` replaces it (writers also save the file).
+    pub config: Arc<parking_lot::RwLock<Config>>,
+    /// Where `PUT /api/config` saves the configuration.
+    pub config_path: Arc<PathBuf>,
     pub started: Instant,
     pub system: system::SystemProbe,
 }
 
 impl AppState {
-    /// State whose instances live in `config.data_dir`'s database, restored from it.
-    pub fn open(config: Config) -> Result<Self, String> {
+    /// State whose instances live in `config.data_dir`'s database, restored from it;
+    /// configuration changes are saved to `config_path`.
+    pub fn open(config: Config, config_path: PathBuf) -> Result<Self, String> {
         config.prepare().map_err(|e| e.to_string())?;
         let registry = Registry::open(&config.data_dir.join(DATABASE)).map_err(|e| e.to_string())?;
         registry.set_max_running(config.max_running_instances);
-        Ok(AppState { registry, config: Arc::new(config), started: Instant::now(), system: Default::default() })
+        Ok(AppState {
+            registry,
+            config: Arc::new(parking_lot::RwLock::new(config)),
+            config_path: Arc::new(config_path),
+            started: Instant::now(),
+            system: Default::default(),
+        })
     }
 }
 

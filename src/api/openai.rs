@@ -149,7 +149,7 @@ fn max_tokens(value: Option<u32>, param: &'static str) -> Result<Option<u32>, Ap
 
 /// The instance named by `model`, started first if it is stopped and allows on-demand starts.
 async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
-    let timeout = Duration::from_secs(state.config.on_demand_start_timeout);
+    let timeout = Duration::from_secs(state.config.read().on_demand_start_timeout);
     state.registry.serving_or_start(model, timeout).await.map_err(|e| match e {
         InstanceError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", format!("The model '{model}' does not exist"))
             .with_param("model"),

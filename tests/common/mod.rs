@@ -41,7 +41,8 @@ pub fn spawn_server(configure: impl FnOnce(&mut paddock::Config) + Send + 'stati
             configure(&mut config);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            let state = paddock::AppState::open(config).unwrap();
+            let config_path = config.data_dir.join("paddock.yaml");
+            let state = paddock::AppState::open(config, config_path).unwrap();
             paddock::serve(listener, state, std::future::pending()).await.unwrap();
         });
     });

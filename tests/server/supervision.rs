@@ -213,3 +213,25 @@ async fn stop_during_load_answers_stopped_and_delete_follows() {
     let (status, body) = s.delete("/api/instances/quick").await;
     assert_eq!(status, 200, "{body}");
 }
+
+/// PUT /api/config validates, saves the file, applies live what can be, and says what waits.
+#[tokio::test]
+async fn config_update_applies_live_and_saves() {
+    let s = spawn_server(|_| {});
+    let (status, body) = s.put("/api/config", json!({ "max_running_instances": 1, "port": 9999 })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["applied"], json!(["max_running_instances"]));
+    assert_eq!(body["restart_required"], json!(["port"]));
+    let (_, live) = s.get("/api/config").await;
+    assert_eq!(live["max_running_instances"], 1);
+    assert_ne!(live["port"], 9999, "the port changes only after a restart");
+    let saved = std::fs::read_to_string(std::path::Path::new(live["data_dir"].as_str().unwrap()).join("paddock.yaml")).unwrap();
+    assert!(saved.contains("port: 9999") && saved.contains("max_running_instances: 1"), "{saved}");
+
+    let (status, body) = s.put("/api/config", json!({ "max_running_instances": 0 })).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "INVALID_CONFIG");
+    let (status, body) = s.put("/api/config", json!({ "max_runing_instances": 2 })).await;
+    assert!(status == 400 || status == 422, "{status} {body}");
+    assert!(body["details"].as_str().unwrap().contains("max_runing_instances"), "{body}");
+}
