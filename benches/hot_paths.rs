@@ -44,12 +44,16 @@ fn scheduler(c: &mut Criterion) {
         b.iter(|| plan_step(black_box(&demands), 2048, &mut plan))
     });
 
-    let caches: Vec<Vec<i32>> = (0..8).map(|i| (0..2000).map(|t| if t < 300 * i { t } else { t + 7 }).collect()).collect();
+    let caches: Vec<Vec<i32>> =
+        (0..8).map(|i| (0..2000).map(|t| if t < 300 * i { t } else { t + 7 }).collect()).collect();
     let prompt: Vec<i32> = (0..2000).collect();
     c.bench_function("pick_slot_8_slots_2k_tokens", |b| {
         b.iter(|| {
-            let slots: Vec<SlotCache<'_, i32>> =
-                caches.iter().enumerate().map(|(i, c)| SlotCache { free: i % 2 == 0, cached: c, last_used: i as u64 }).collect();
+            let slots: Vec<SlotCache<'_, i32>> = caches
+                .iter()
+                .enumerate()
+                .map(|(i, c)| SlotCache { free: i % 2 == 0, cached: c, last_used: i as u64 })
+                .collect();
             pick_slot(black_box(&prompt), &slots, true)
         })
     });

@@ -80,7 +80,11 @@ impl Config {
                 if let Some(v) = &patch.$field {
                     if *v != next.$field {
                         next.$field = v.clone();
-                        if $live { report.applied.push(stringify!($field)) } else { report.restart_required.push(stringify!($field)) }
+                        if $live {
+                            report.applied.push(stringify!($field))
+                        } else {
+                            report.restart_required.push(stringify!($field))
+                        }
                     }
                 }
             };
@@ -99,7 +103,10 @@ impl Config {
             return Err("max_running_instances must be at least 1 (or null for no limit)".into());
         }
         if self.on_demand_start_timeout == 0 || self.on_demand_start_timeout > 86_400 {
-            return Err(format!("on_demand_start_timeout must be between 1 and 86400 seconds, got {}", self.on_demand_start_timeout));
+            return Err(format!(
+                "on_demand_start_timeout must be between 1 and 86400 seconds, got {}",
+                self.on_demand_start_timeout
+            ));
         }
         Ok(())
     }
@@ -154,7 +161,8 @@ impl Config {
         let mut config = match file {
             None => Config::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
                 if text.trim().is_empty() {
                     Config::default()
                 } else {
@@ -176,7 +184,8 @@ impl Config {
 
     /// Creates the data dir if needed.
     pub fn prepare(&self) -> Result<(), ConfigError> {
-        std::fs::create_dir_all(&self.data_dir).map_err(|source| ConfigError::DataDir { path: self.data_dir.clone(), source })
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(|source| ConfigError::DataDir { path: self.data_dir.clone(), source })
     }
 }
 
@@ -219,7 +228,8 @@ mod tests {
         let path = dir.path().join(DEFAULT_FILE);
         next.save(&path).unwrap();
         // Without --config, the data dir's paddock.yaml is read.
-        let (loaded, used) = Config::load(None, Overrides { data_dir: Some(dir.path().into()), ..Default::default() }).unwrap();
+        let (loaded, used) =
+            Config::load(None, Overrides { data_dir: Some(dir.path().into()), ..Default::default() }).unwrap();
         assert_eq!(used, path);
         assert_eq!(loaded, next);
     }

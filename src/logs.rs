@@ -56,7 +56,11 @@ impl LogBuffer {
     }
 
     /// The last `n` lines (as [`LogBuffer::tail`]) and a receiver of every line pushed after them.
-    pub fn follow(&self, n: usize, min_level: Option<Level>) -> (Vec<LogLine>, tokio::sync::broadcast::Receiver<LogLine>) {
+    pub fn follow(
+        &self,
+        n: usize,
+        min_level: Option<Level>,
+    ) -> (Vec<LogLine>, tokio::sync::broadcast::Receiver<LogLine>) {
         let lines = self.lines.lock();
         let rx = self.follow.subscribe();
         (Self::tail_of(&lines, n, min_level), rx)

@@ -57,7 +57,9 @@ struct ServeArgs {
 fn long_version() -> &'static str {
     let secs = env!("PADDOCK_BUILD_UNIX").parse::<i64>().unwrap_or(0);
     let built = chrono::DateTime::from_timestamp(secs, 0).map(|t| t.to_rfc3339()).unwrap_or_default();
-    Box::leak(format!("{} (git {}, built {built})", paddock::build::VERSION, paddock::build::GIT_REVISION).into_boxed_str())
+    Box::leak(
+        format!("{} (git {}, built {built})", paddock::build::VERSION, paddock::build::GIT_REVISION).into_boxed_str(),
+    )
 }
 
 fn main() -> ExitCode {
@@ -94,9 +96,20 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let name = args.model_name.unwrap_or_else(|| {
             model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
         });
-        let options = InstanceOptions { context_size: args.ctx_size, parallel: args.parallel, threads: args.threads, ..Default::default() };
+        let options = InstanceOptions {
+            context_size: args.ctx_size,
+            parallel: args.parallel,
+            threads: args.threads,
+            ..Default::default()
+        };
         // The instance persists like any other; on a later run with the same --model it is reused.
-        let spec = InstanceSpec { name: name.clone(), source: ModelSource::Path { model_path }, port: None, options, policy: Policy::default() };
+        let spec = InstanceSpec {
+            name: name.clone(),
+            source: ModelSource::Path { model_path },
+            port: None,
+            options,
+            policy: Policy::default(),
+        };
         match state.registry.create(spec).await {
             Ok(_) => {}
             Err(InstanceError::AlreadyExists(_)) => {
@@ -109,7 +122,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 return Err(e.to_string());
             }
         }
-        tracing::info!("instance '{name}' starting; chat with it as model \"{name}\" at http://{addr}/v1/chat/completions");
+        tracing::info!(
+            "instance '{name}' starting; chat with it as model \"{name}\" at http://{addr}/v1/chat/completions"
+        );
     }
 
     let registry = state.registry.clone();

@@ -100,7 +100,11 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
             let c = client();
             for i in 0..40 {
                 let name = format!("burst-{worker}-{i}");
-                let create = c.post(format!("{base}/api/instances")).json(&json!({ "name": name, "model_path": model })).send().await;
+                let create = c
+                    .post(format!("{base}/api/instances"))
+                    .json(&json!({ "name": name, "model_path": model }))
+                    .send()
+                    .await;
                 match create {
                     Ok(r) if r.status().as_u16() == 201 => creates.lock().push(name),
                     _ => return,
@@ -110,7 +114,11 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
                 // acknowledged value is the lower bound of what must survive.
                 if worker == 0 {
                     let value = i + 1;
-                    let r = c.put(format!("{base}/api/instances/cold")).json(&json!({ "options": { "threads": value } })).send().await;
+                    let r = c
+                        .put(format!("{base}/api/instances/cold"))
+                        .json(&json!({ "options": { "threads": value } }))
+                        .send()
+                        .await;
                     match r {
                         Ok(r) if r.status().as_u16() == 200 => threads.store(value, Ordering::SeqCst),
                         _ => return,

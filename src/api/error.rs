@@ -143,13 +143,19 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         use EngineError::*;
         let (status, code, message) = match &e {
-            PromptTooLong { .. } => (StatusCode::BAD_REQUEST, "CONTEXT_LENGTH_EXCEEDED", "The prompt does not fit the context"),
+            PromptTooLong { .. } => {
+                (StatusCode::BAD_REQUEST, "CONTEXT_LENGTH_EXCEEDED", "The prompt does not fit the context")
+            }
             EmptyPrompt => (StatusCode::BAD_REQUEST, "EMPTY_PROMPT", "The prompt is empty"),
             InvalidToken { .. } => (StatusCode::BAD_REQUEST, "INVALID_TOKEN", "Invalid token id in the prompt"),
             Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "OVERLOADED", "The instance is overloaded"),
             Stopped => (StatusCode::SERVICE_UNAVAILABLE, "INSTANCE_NOT_RUNNING", "Instance is not running"),
-            Load { .. } | LoadCancelled | Config(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ENGINE_ERROR", "Engine error"),
-            Decode(_) | IncompleteGeneration => (StatusCode::INTERNAL_SERVER_ERROR, "GENERATION_FAILED", "Generation failed"),
+            Load { .. } | LoadCancelled | Config(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "ENGINE_ERROR", "Engine error")
+            }
+            Decode(_) | IncompleteGeneration => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "GENERATION_FAILED", "Generation failed")
+            }
         };
         ApiError::new(status, code, message).with_details(e.to_string())
     }
@@ -175,6 +181,9 @@ pub struct OaiJson<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OaiJson<T> {
     type Rejection = OpenAiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        axum::Json::<T>::from_request(req, state).await.map(|axum::Json(v)| OaiJson(v)).map_err(|r| OpenAiError(json_rejection(r)))
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(v)| OaiJson(v))
+            .map_err(|r| OpenAiError(json_rejection(r)))
     }
 }

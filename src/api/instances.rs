@@ -8,16 +8,18 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
-use futures::StreamExt;
 use axum::routing::{get, post};
 use axum::Router;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::Level;
 
 use super::error::{ApiError, Json};
 use super::AppState;
-use crate::instance::{InstanceError, InstanceOptions, InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch, Status, StopMode};
+use crate::instance::{
+    InstanceError, InstanceOptions, InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch, Status, StopMode,
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -43,7 +45,8 @@ struct Body {
     policy: PolicyPatch,
 }
 
-const POLICY_FIELDS: [&str; 6] = ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable"];
+const POLICY_FIELDS: [&str; 6] =
+    ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable"];
 
 fn invalid(details: impl Into<String>) -> ApiError {
     ApiError::bad_request("Invalid request body").with_details(details)
@@ -92,8 +95,10 @@ fn parse_body(value: Value) -> Result<Body, ApiError> {
     if let Some(field) = top.keys().next() {
         return Err(invalid(format!("unknown field `{field}`")));
     }
-    body.options = serde_json::from_value(Value::Object(options))
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_OPTIONS", "Invalid instance options").with_details(e.to_string()))?;
+    body.options = serde_json::from_value(Value::Object(options)).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_OPTIONS", "Invalid instance options")
+            .with_details(e.to_string())
+    })?;
     body.source = match (model_path.or(backend_model), hf) {
         (Some(model_path), (None, None)) => Some(ModelSource::Path { model_path }),
         (None, (Some(hf_repo), hf_file)) => Some(ModelSource::HuggingFace { hf_repo, hf_file }),
@@ -134,7 +139,8 @@ async fn create_named(
 }
 
 async fn create_from(state: &AppState, name: String, body: Body) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let source = body.source.ok_or_else(|| invalid("give a model: model_path (or backend_options.model), or hf_repo"))?;
+    let source =
+        body.source.ok_or_else(|| invalid("give a model: model_path (or backend_options.model), or hf_repo"))?;
     let mut policy = Policy::default();
     policy.apply(&body.policy);
     let spec = InstanceSpec { name, source, port: body.port, options: body.options, policy };
@@ -142,14 +148,22 @@ async fn create_from(state: &AppState, name: String, body: Body) -> Result<(Stat
     Ok((StatusCode::CREATED, axum::Json(json!({ "message": "Instance created successfully", "instance": instance }))))
 }
 
-async fn update(State(state): State<AppState>, Path(name): Path<String>, Json(value): Json<Value>) -> Result<impl IntoResponse, ApiError> {
+async fn update(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(value): Json<Value>,
+) -> Result<impl IntoResponse, ApiError> {
     let body = parse_body(value)?;
     if body.name.as_ref().is_some_and(|n| *n != name) {
         return Err(invalid("an instance cannot be renamed"));
     }
     let patch = SpecPatch { source: body.source, port: body.port, options: body.options, policy: body.policy };
     let (instance, restart_required) = state.registry.update(&name, &patch).await?;
-    let message = if restart_required { "Instance updated; restart it to apply the changes" } else { "Instance updated successfully" };
+    let message = if restart_required {
+        "Instance updated; restart it to apply the changes"
+    } else {
+        "Instance updated successfully"
+    };
     Ok(axum::Json(json!({ "message": message, "restart_required": restart_required, "instance": instance })))
 }
 
@@ -197,7 +211,11 @@ fn stop_mode(bytes: &[u8]) -> Result<StopMode, ApiError> {
     Ok(mode)
 }
 
-async fn stop(State(state): State<AppState>, Path(name): Path<String>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn stop(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let status = state.registry.stop(&name, stop_mode(&body)?).await?;
     let message = if status == Status::Stopped { "Instance stopped" } else { "Instance stop initiated" };
     Ok(axum::Json(json!({ "message": message, "status": status })))
@@ -246,7 +264,8 @@ async fn logs(
     let level = match q.level.as_deref() {
         None => None,
         Some(l) => Some(l.parse::<Level>().map_err(|_| {
-            ApiError::bad_request("Invalid log level").with_details(format!("level must be debug, info, warn or error, got '{l}'"))
+            ApiError::bad_request("Invalid log level")
+                .with_details(format!("level must be debug, info, warn or error, got '{l}'"))
         })?),
     };
     let lines = q.lines.unwrap_or(100);
@@ -263,7 +282,11 @@ async fn logs(
             Ok(line) if crate::logs::at_least(&line, level) => Some(Ok(line)),
             Ok(_) => None,
             Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(Ok(crate::logs::LogLine { timestamp: chrono::Utc::now(), level: "warn", message: format!("{n} lines skipped") }))
+                Some(Ok(crate::logs::LogLine {
+                    timestamp: chrono::Utc::now(),
+                    level: "warn",
+                    message: format!("{n} lines skipped"),
+                }))
             }
         })
     });

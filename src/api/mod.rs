@@ -81,7 +81,11 @@ async fn openai_not_found(uri: Uri) -> OpenAiError {
 
 /// Serves `app(state)` on `listener` until `shutdown` resolves, then waits for open
 /// connections (streams end when their instances stop).
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     state.registry.spawn_supervisor();
     let registry = state.registry.clone();
     tokio::spawn(async move { registry.resume().await });

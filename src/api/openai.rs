@@ -111,14 +111,18 @@ impl SamplingFields {
                 None => d.top_k,
             },
             repeat_last_n: match self.repeat_last_n {
-                Some(n) if n < 0 => return Err(bad("repeat_last_n", format!("repeat_last_n must be 0 or more, got {n}"))),
+                Some(n) if n < 0 => {
+                    return Err(bad("repeat_last_n", format!("repeat_last_n must be 0 or more, got {n}")))
+                }
                 Some(n) => n,
                 None => d.repeat_last_n,
             },
             seed: match self.seed {
                 None => None,
                 Some(s) if s < 0 => None, // llama-server: -1 = random
-                Some(s) => Some(u32::try_from(s).map_err(|_| bad("seed", format!("seed must fit in 32 bits, got {s}")))?),
+                Some(s) => {
+                    Some(u32::try_from(s).map_err(|_| bad("seed", format!("seed must fit in 32 bits, got {s}")))?)
+                }
             },
         };
         if self.n.is_some_and(|n| n != 1) {
@@ -151,8 +155,10 @@ fn max_tokens(value: Option<u32>, param: &'static str) -> Result<Option<u32>, Ap
 async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
     let timeout = Duration::from_secs(state.config.read().on_demand_start_timeout);
     state.registry.serving_or_start(model, timeout).await.map_err(|e| match e {
-        InstanceError::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", format!("The model '{model}' does not exist"))
-            .with_param("model"),
+        InstanceError::NotFound(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", format!("The model '{model}' does not exist"))
+                .with_param("model")
+        }
         other => ApiError::from(other),
     })
 }
@@ -204,8 +210,10 @@ fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiErr
                         match (p.kind.as_str(), p.text) {
                             ("text", Some(t)) => text.push_str(&t),
                             (kind, _) => {
-                                return Err(ApiError::bad_request(format!("content parts of type '{kind}' are not supported; only text"))
-                                    .with_param("messages"))
+                                return Err(ApiError::bad_request(format!(
+                                    "content parts of type '{kind}' are not supported; only text"
+                                ))
+                                .with_param("messages"))
                             }
                         }
                     }
@@ -222,10 +230,9 @@ async fn chat_completions(State(state): State<AppState>, OaiJson(req): OaiJson<C
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
     let messages = flatten_messages(req.messages)?;
-    let rendered = serving
-        .template
-        .render(&messages, true)
-        .map_err(|e| ApiError::bad_request("The chat template could not render these messages").with_details(e.to_string()))?;
+    let rendered = serving.template.render(&messages, true).map_err(|e| {
+        ApiError::bad_request("The chat template could not render these messages").with_details(e.to_string())
+    })?;
     let info = serving.engine.info();
     // The tokenizer adds BOS itself; a template that writes it too would double it (llama-server strips it the same way).
     let prompt = match rendered.strip_prefix(info.bos_token.as_str()) {
@@ -274,7 +281,11 @@ async fn completions(State(state): State<AppState>, OaiJson(req): OaiJson<Comple
             return Err(ApiError::bad_request("only one prompt per request is supported").with_param("prompt").into())
         }
     };
-    let generation = serving.engine.generate(GenerateRequest { prompt, sampling, stop, max_tokens }).await.map_err(ApiError::from)?;
+    let generation = serving
+        .engine
+        .generate(GenerateRequest { prompt, sampling, stop, max_tokens })
+        .await
+        .map_err(ApiError::from)?;
     let meta = ResponseMeta::new("cmpl", req.model, Kind::Completion);
     if req.sampling.stream {
         Ok(sse(generation, meta, req.sampling.include_usage()).into_response())
@@ -431,7 +442,11 @@ impl StreamState {
 
 /// The SSE response. The stream owns the `Generation`: when the client goes away axum drops
 /// the stream, the generation's channel closes, and the engine frees the slot at its next step.
-fn sse(generation: Generation, meta: ResponseMeta, include_usage: bool) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+fn sse(
+    generation: Generation,
+    meta: ResponseMeta,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let state = StreamState { generation: Some(generation), meta, include_usage, first: true, out: VecDeque::new() };
     let stream = futures::stream::unfold(state, |mut st| async move {
         loop {

@@ -13,13 +13,16 @@ use sysinfo::{Disks, Pid, ProcessesToUpdate, System};
 use axum::http::StatusCode;
 
 use super::error::{ApiError, Json};
-use crate::config::ConfigPatch;
 use super::AppState;
 use crate::build;
+use crate::config::ConfigPatch;
 use crate::instance::Status;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/system/info", get(info)).route("/system/status", get(status)).route("/config", get(config).put(update_config))
+    Router::new()
+        .route("/system/info", get(info))
+        .route("/system/status", get(status))
+        .route("/config", get(config).put(update_config))
 }
 
 /// Routes outside `/api`.
@@ -89,9 +92,9 @@ async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
     let count = |s: Status| instances.iter().filter(|i| i.status == s).count();
     let probe = state.system.clone();
     let data_dir = state.config.read().data_dir.clone();
-    let r = tokio::task::spawn_blocking(move || probe.sample(&data_dir))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "status probe failed").with_details(e.to_string()))?;
+    let r = tokio::task::spawn_blocking(move || probe.sample(&data_dir)).await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "status probe failed").with_details(e.to_string())
+    })?;
     Ok(axum::Json(json!({
         "version": build::VERSION,
         "uptime": state.started.elapsed().as_secs(),
@@ -121,25 +124,37 @@ async fn config(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Validates a partial change, saves it to the config file, applies what can apply live, and
 /// says which changes wait for a restart of paddock.
-async fn update_config(State(state): State<AppState>, Json(patch): Json<ConfigPatch>) -> Result<impl IntoResponse, ApiError> {
+async fn update_config(
+    State(state): State<AppState>,
+    Json(patch): Json<ConfigPatch>,
+) -> Result<impl IntoResponse, ApiError> {
     let current = state.config.read().clone();
-    let (next, report) = current
-        .patched(&patch)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIG", "Invalid configuration").with_details(e))?;
+    let (next, report) = current.patched(&patch).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIG", "Invalid configuration").with_details(e)
+    })?;
     let (to_save, path) = (next.clone(), state.config_path.clone());
     tokio::task::spawn_blocking(move || to_save.save(&path))
         .await
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "CONFIG_SAVE_FAILED", "Could not save the configuration").with_details(e))?;
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "CONFIG_SAVE_FAILED", "Could not save the configuration")
+                .with_details(e)
+        })?;
     state.registry.set_max_running(next.max_running_instances);
     // What needs a restart stays as it is in memory until then.
     let mut live = current;
     live.max_running_instances = next.max_running_instances;
     live.on_demand_start_timeout = next.on_demand_start_timeout;
     *state.config.write() = live;
-    let message = if report.restart_required.is_empty() { "Configuration updated" } else { "Configuration saved; some changes apply after a restart" };
-    Ok(axum::Json(json!({ "message": message, "config": next, "applied": report.applied, "restart_required": report.restart_required })))
+    let message = if report.restart_required.is_empty() {
+        "Configuration updated"
+    } else {
+        "Configuration saved; some changes apply after a restart"
+    };
+    Ok(axum::Json(
+        json!({ "message": message, "config": next, "applied": report.applied, "restart_required": report.restart_required }),
+    ))
 }
 
 async fn health() -> impl IntoResponse {

@@ -100,9 +100,7 @@ impl ChatTemplate {
     /// render whitespace.
     pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Result<Self, ChatTemplateError> {
         match source {
-            Some(text) if !text.trim().is_empty() => {
-                Self::compile(text.to_owned(), bos_token, eos_token, false)
-            }
+            Some(text) if !text.trim().is_empty() => Self::compile(text.to_owned(), bos_token, eos_token, false),
             _ => Ok(Self::chatml(bos_token, eos_token)),
         }
     }
@@ -208,9 +206,8 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 fn strftime_now(format: &str) -> Result<String, Error> {
     let mut out = String::new();
     // chrono reports an unknown specifier only as a formatting failure; to_string() would panic.
-    write!(out, "{}", chrono::Local::now().format(format)).map_err(|_| {
-        Error::new(ErrorKind::InvalidOperation, format!("strftime_now: unsupported format {format:?}"))
-    })?;
+    write!(out, "{}", chrono::Local::now().format(format))
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: unsupported format {format:?}")))?;
     Ok(out)
 }
 

@@ -124,10 +124,18 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
     /// Validated and queued (or placed): the prompt fits; streaming may begin.
-    Accepted { prompt_tokens: u32 },
+    Accepted {
+        prompt_tokens: u32,
+    },
     /// Newly complete text (may be empty when a token only started a character or a stop string).
-    Token { text: String, id: i32 },
-    Done { finish_reason: FinishReason, usage: Usage },
+    Token {
+        text: String,
+        id: i32,
+    },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
 }
 
 pub type EventSender = mpsc::UnboundedSender<Result<StreamEvent, EngineError>>;
@@ -225,7 +233,11 @@ impl EngineStats {
 }
 
 pub(crate) enum EngineCommand {
-    Generate { request: GenerateRequest, events: EventSender, permit: OwnedSemaphorePermit },
+    Generate {
+        request: GenerateRequest,
+        events: EventSender,
+        permit: OwnedSemaphorePermit,
+    },
     /// A round trip through the decode loop, for health checks.
     Ping(oneshot::Sender<()>),
     Shutdown,
@@ -307,13 +319,8 @@ impl EngineThread {
                 return Err(EngineError::Load { path: String::new(), reason });
             }
         };
-        let engine = Engine {
-            tx,
-            permits: Arc::new(Semaphore::new(n_permits)),
-            info: Arc::new(info),
-            stats,
-            queue_size,
-        };
+        let engine =
+            Engine { tx, permits: Arc::new(Semaphore::new(n_permits)), info: Arc::new(info), stats, queue_size };
         Ok((EngineThread { engine, join: Some(join) }, exit_rx))
     }
 
@@ -356,14 +363,15 @@ impl Engine {
         self.stats.snapshot()
     }
 
-
     /// Admits a request and waits until the worker has validated it (tokenized, within the
     /// context). Errors here happen before any response byte is sent, so they get real statuses.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|e| match e {
             // Closed by a drain: the instance is stopping.
             tokio::sync::TryAcquireError::Closed => EngineError::Stopped,
-            tokio::sync::TryAcquireError::NoPermits => EngineError::Overloaded { slots: self.info.n_parallel, queued: self.queue_size },
+            tokio::sync::TryAcquireError::NoPermits => {
+                EngineError::Overloaded { slots: self.info.n_parallel, queued: self.queue_size }
+            }
         })?;
         self.stats.mark_active();
         let (events, mut rx) = mpsc::unbounded_channel();

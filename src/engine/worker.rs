@@ -108,7 +108,13 @@ pub(super) fn run(
         }
     };
     let info = model_info(&config, &model, &ctx, load_ms);
-    tracing::info!(n_ctx = info.n_ctx, n_ctx_slot = info.n_ctx_slot, n_parallel = info.n_parallel, load_ms, "model loaded");
+    tracing::info!(
+        n_ctx = info.n_ctx,
+        n_ctx_slot = info.n_ctx_slot,
+        n_parallel = info.n_parallel,
+        load_ms,
+        "model loaded"
+    );
     let mut worker = Worker::new(&model, ctx, info.clone(), stats, config.seed);
     if ready.send(Ok(info)).is_err() {
         return Ok(()); // nobody waits for us: the start was abandoned
@@ -120,7 +126,10 @@ pub(super) fn run(
 fn load(config: &EngineConfig) -> Result<(LlamaModel, u64), EngineError> {
     let backend = super::backend()?;
     if config.n_parallel == 0 || config.n_parallel > MAX_SEQUENCES {
-        return Err(EngineError::Config(format!("parallel must be between 1 and {MAX_SEQUENCES}, got {}", config.n_parallel)));
+        return Err(EngineError::Config(format!(
+            "parallel must be between 1 and {MAX_SEQUENCES}, got {}",
+            config.n_parallel
+        )));
     }
     let path = config.model_path.display().to_string();
     // llama.cpp's loader can crash on some corrupt files: paddock reads the header first.
@@ -288,7 +297,13 @@ impl<'m> Worker<'m> {
                 Ok(tokens) => {
                     let n = tokens.len() as u32;
                     if events.send(Ok(StreamEvent::Accepted { prompt_tokens: n })).is_ok() {
-                        self.queue.push_back(Job { tokens, request, events, _permit: permit, received: Instant::now() });
+                        self.queue.push_back(Job {
+                            tokens,
+                            request,
+                            events,
+                            _permit: permit,
+                            received: Instant::now(),
+                        });
                         self.stats.queued.store(self.queue.len() as u64, Ordering::Relaxed);
                     }
                 }

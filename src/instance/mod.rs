@@ -40,7 +40,6 @@ pub use options::InstanceOptions;
 pub use spec::{InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch};
 pub use supervisor::StopMode;
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     #[error("instance '{0}' not found")]
@@ -59,7 +58,9 @@ pub enum InstanceError {
     NotRunning { name: String, status: Status },
     #[error("instance '{name}' is {status}; stop it before deleting it")]
     Busy { name: String, status: Status },
-    #[error("instance '{name}' uses the Hugging Face model {repo}, which paddock cannot download yet; give a model_path")]
+    #[error(
+        "instance '{name}' uses the Hugging Face model {repo}, which paddock cannot download yet; give a model_path"
+    )]
     ModelNotAvailable { name: String, repo: String },
     #[error("instance '{name}' failed to start: {reason}")]
     StartFailed { name: String, reason: String },
@@ -278,7 +279,10 @@ impl Registry {
     pub async fn resume(&self) {
         let names: Vec<String> = {
             let map = self.inner.map.lock();
-            map.values().filter(|e| e.desired_running && e.status == Status::Stopped).map(|e| e.spec.name.clone()).collect()
+            map.values()
+                .filter(|e| e.desired_running && e.status == Status::Stopped)
+                .map(|e| e.spec.name.clone())
+                .collect()
         };
         for name in names {
             if let Err(e) = self.start(&name).await {
@@ -292,7 +296,8 @@ impl Registry {
     /// deleted names' tombstones); the counter keeps them strictly increasing within one run.
     fn next_version(&self) -> u64 {
         let now = Utc::now().timestamp_micros().max(0) as u64;
-        let prev = self.inner.last_version.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(now.max(last + 1)));
+        let prev =
+            self.inner.last_version.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| Some(now.max(last + 1)));
         now.max(prev.unwrap_or(0) + 1)
     }
 
@@ -367,7 +372,9 @@ impl Registry {
                 return Err(InstanceError::AlreadyExists(spec.name));
             }
             let entry = Entry::new(spec, Utc::now());
-            entry.logs.push(Level::INFO, format!("instance created with model {}", describe_source(&entry.spec.source)));
+            entry
+                .logs
+                .push(Level::INFO, format!("instance created with model {}", describe_source(&entry.spec.source)));
             let view = entry.view();
             map.insert(view.name.clone(), entry);
             view
@@ -393,7 +400,14 @@ impl Registry {
             if changed {
                 e.spec = spec;
                 e.updated_at = Utc::now();
-                e.logs.push(Level::INFO, if restart_required { "configuration updated; applies on restart" } else { "configuration updated" });
+                e.logs.push(
+                    Level::INFO,
+                    if restart_required {
+                        "configuration updated; applies on restart"
+                    } else {
+                        "configuration updated"
+                    },
+                );
             }
             (e.view(), changed, restart_required)
         };
@@ -438,16 +452,17 @@ impl Registry {
     /// The serving handles of a running instance (for routing a request).
     pub fn serving(&self, name: &str) -> Result<Serving, InstanceError> {
         self.with_entry(name, |e| {
-            e.running.as_ref().map(|r| r.serving.clone()).ok_or_else(|| InstanceError::NotRunning {
-                name: name.to_string(),
-                status: e.status,
-            })
+            e.running
+                .as_ref()
+                .map(|r| r.serving.clone())
+                .ok_or_else(|| InstanceError::NotRunning { name: name.to_string(), status: e.status })
         })?
     }
 
     /// Health as llamactl reports it; `response` is a real round trip through the engine loop.
     pub async fn health(&self, name: &str) -> Result<Health, InstanceError> {
-        let (status, engine) = self.with_entry(name, |e| (e.status, e.running.as_ref().map(|r| r.serving.engine.clone())))?;
+        let (status, engine) =
+            self.with_entry(name, |e| (e.status, e.running.as_ref().map(|r| r.serving.engine.clone())))?;
         let (overall, process, response) = match (status, engine) {
             (Status::Running, Some(engine)) => {
                 if engine.ping(HEALTH_TIMEOUT).await {
@@ -475,10 +490,8 @@ impl Registry {
 }
 
 fn apply(e: &mut Entry, event: Event) -> Result<(), InstanceError> {
-    let next = e
-        .status
-        .transition(event)
-        .map_err(|source| InstanceError::Transition { name: e.spec.name.clone(), source })?;
+    let next =
+        e.status.transition(event).map_err(|source| InstanceError::Transition { name: e.spec.name.clone(), source })?;
     e.status = next;
     e.status_tx.send_replace(next);
     e.updated_at = Utc::now();
@@ -494,10 +507,14 @@ async fn validate_spec(spec: &InstanceSpec) -> Result<(), InstanceError> {
     if !path.is_file() {
         return Err(InstanceError::ModelNotFound(path.display().to_string()));
     }
-    let checked = tokio::task::spawn_blocking(move || crate::models::gguf::validate(&path).map(|_| ()).map_err(|e| (path, e))).await;
+    let checked =
+        tokio::task::spawn_blocking(move || crate::models::gguf::validate(&path).map(|_| ()).map_err(|e| (path, e)))
+            .await;
     match checked {
         Ok(Ok(())) => Ok(()),
-        Ok(Err((path, e))) => Err(InstanceError::InvalidModel { path: path.display().to_string(), reason: e.to_string() }),
+        Ok(Err((path, e))) => {
+            Err(InstanceError::InvalidModel { path: path.display().to_string(), reason: e.to_string() })
+        }
         Err(e) => Err(InstanceError::Store(e.to_string())),
     }
 }

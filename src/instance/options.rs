@@ -45,7 +45,12 @@ pub const DEFAULT_QUEUE: u32 = 64;
 impl InstanceOptions {
     /// Checks every field's range; the message names the field and the limit.
     pub fn validate(&self) -> Result<(), String> {
-        fn range<T: PartialOrd + std::fmt::Display + Copy>(name: &str, v: Option<T>, lo: T, hi: T) -> Result<(), String> {
+        fn range<T: PartialOrd + std::fmt::Display + Copy>(
+            name: &str,
+            v: Option<T>,
+            lo: T,
+            hi: T,
+        ) -> Result<(), String> {
             match v {
                 Some(v) if v < lo || v > hi => Err(format!("{name} must be between {lo} and {hi}, got {v}")),
                 _ => Ok(()),
@@ -82,7 +87,13 @@ impl InstanceOptions {
         take!(context_size, threads, threads_batch, gpu_layers, parallel, batch_size, queue_size, seed);
     }
 
-    pub fn engine_config(&self, name: &str, model_path: PathBuf, logs: Arc<LogBuffer>, cancel_load: Arc<AtomicBool>) -> EngineConfig {
+    pub fn engine_config(
+        &self,
+        name: &str,
+        model_path: PathBuf,
+        logs: Arc<LogBuffer>,
+        cancel_load: Arc<AtomicBool>,
+    ) -> EngineConfig {
         let threads = self.threads.unwrap_or_else(|| num_cpus::get_physical().max(1) as u32);
         EngineConfig {
             name: name.to_string(),

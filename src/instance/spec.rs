@@ -11,7 +11,9 @@ use super::options::InstanceOptions;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ModelSource {
-    Path { model_path: PathBuf },
+    Path {
+        model_path: PathBuf,
+    },
     /// Resolved by the model store once it exists; until then such an instance cannot start.
     HuggingFace {
         hf_repo: String,
@@ -39,7 +41,14 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { auto_restart: true, max_restarts: 3, restart_delay: 5.0, on_demand_start: true, idle_timeout: 0.0, evictable: true }
+        Policy {
+            auto_restart: true,
+            max_restarts: 3,
+            restart_delay: 5.0,
+            on_demand_start: true,
+            idle_timeout: 0.0,
+            evictable: true,
+        }
     }
 }
 
@@ -68,7 +77,10 @@ impl Policy {
             return Err(format!("restart_delay must be between 0 and 86400 seconds, got {}", self.restart_delay));
         }
         if !(self.idle_timeout.is_finite() && self.idle_timeout >= 0.0) {
-            return Err(format!("idle_timeout must be 0 (never) or a positive number of minutes, got {}", self.idle_timeout));
+            return Err(format!(
+                "idle_timeout must be 0 (never) or a positive number of minutes, got {}",
+                self.idle_timeout
+            ));
         }
         if self.max_restarts > 1000 {
             return Err(format!("max_restarts must be at most 1000, got {}", self.max_restarts));
@@ -145,7 +157,8 @@ mod tests {
 
     #[test]
     fn patches_change_only_what_they_name() {
-        let mut spec: InstanceSpec = serde_json::from_value(serde_json::json!({ "name": "b", "model_path": "/m.gguf" })).unwrap();
+        let mut spec: InstanceSpec =
+            serde_json::from_value(serde_json::json!({ "name": "b", "model_path": "/m.gguf" })).unwrap();
         let patch = SpecPatch {
             options: InstanceOptions { context_size: Some(4096), ..Default::default() },
             policy: PolicyPatch { auto_restart: Some(false), ..Default::default() },

@@ -62,34 +62,20 @@ pub struct InstanceRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open instance database {}: {source}", path.display())]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Open { path: PathBuf, source: rusqlite::Error },
     #[error(
         "instance database {} has schema version {found}, but this paddock knows only up to {known}: \
          it was written by a newer paddock; refusing to use it (upgrade paddock)",
         path.display()
     )]
-    NewerSchema {
-        path: PathBuf,
-        found: i64,
-        known: i64,
-    },
+    NewerSchema { path: PathBuf, found: i64, known: i64 },
     #[error("instance database {}: migration to schema version {version} failed: {source}", path.display())]
-    Migration {
-        path: PathBuf,
-        version: usize,
-        source: rusqlite::Error,
-    },
+    Migration { path: PathBuf, version: usize, source: rusqlite::Error },
     #[error("instance database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("instance '{name}' in the database is corrupt: {what}")]
     CorruptRow { name: String, what: String },
-    #[error(
-        "instance '{name}': version {version} is too large to store (max {})",
-        i64::MAX
-    )]
+    #[error("instance '{name}': version {version} is too large to store (max {})", i64::MAX)]
     VersionOutOfRange { name: String, version: u64 },
 }
 
@@ -119,14 +105,9 @@ impl Store {
 
     /// Any SQLite error while opening and configuring is reported as an open failure of `path`.
     fn init(path: &Path, conn: rusqlite::Result<Connection>) -> Result<Store, StoreError> {
-        let configured = conn
-            .map_err(StoreError::from)
-            .and_then(|c| Self::configure(c, path));
+        let configured = conn.map_err(StoreError::from).and_then(|c| Self::configure(c, path));
         configured.map_err(|e| match e {
-            StoreError::Sqlite(source) => StoreError::Open {
-                path: path.to_path_buf(),
-                source,
-            },
+            StoreError::Sqlite(source) => StoreError::Open { path: path.to_path_buf(), source },
             e => e,
         })
     }
@@ -135,14 +116,11 @@ impl Store {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // Returns the resulting mode: "wal" for files ("memory" in memory). Should WAL be
         // unavailable, the rollback journal with synchronous=FULL is crash-safe too.
-        let _mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn, path)?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// All records, ordered by name. A row that cannot be read back (invalid JSON config,
@@ -157,33 +135,20 @@ impl Store {
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let name: String = row.get(0)?;
-            let corrupt = |what: String| StoreError::CorruptRow {
-                name: name.clone(),
-                what,
-            };
+            let corrupt = |what: String| StoreError::CorruptRow { name: name.clone(), what };
             let config: String = row.get(1)?;
-            let config = serde_json::from_str(&config)
-                .map_err(|e| corrupt(format!("config is not valid JSON: {e}")))?;
+            let config =
+                serde_json::from_str(&config).map_err(|e| corrupt(format!("config is not valid JSON: {e}")))?;
             let desired_running = match row.get::<_, i64>(2)? {
                 0 => false,
                 1 => true,
                 v => return Err(corrupt(format!("desired_running is {v}, not 0 or 1"))),
             };
-            let created_at = parse_time(&row.get::<_, String>(3)?)
-                .map_err(|e| corrupt(format!("created_at: {e}")))?;
-            let updated_at = parse_time(&row.get::<_, String>(4)?)
-                .map_err(|e| corrupt(format!("updated_at: {e}")))?;
+            let created_at = parse_time(&row.get::<_, String>(3)?).map_err(|e| corrupt(format!("created_at: {e}")))?;
+            let updated_at = parse_time(&row.get::<_, String>(4)?).map_err(|e| corrupt(format!("updated_at: {e}")))?;
             let version = row.get::<_, i64>(5)?;
-            let version = u64::try_from(version)
-                .map_err(|_| corrupt(format!("version {version} is negative")))?;
-            out.push(InstanceRecord {
-                name,
-                config,
-                desired_running,
-                created_at,
-                updated_at,
-                version,
-            });
+            let version = u64::try_from(version).map_err(|_| corrupt(format!("version {version} is negative")))?;
+            out.push(InstanceRecord { name, config, desired_running, created_at, updated_at, version });
         }
         Ok(out)
     }
@@ -202,8 +167,8 @@ impl Store {
         if tombstone.is_some_and(|t| version <= t) {
             return Ok(false); // dropping `tx` rolls back (nothing was written)
         }
-        let written = tx
-            .prepare_cached(
+        let written =
+            tx.prepare_cached(
                 "INSERT INTO instances (name, config, desired_running, created_at, updated_at, version)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT(name) DO UPDATE SET
@@ -221,11 +186,9 @@ impl Store {
                 format_time(&record.created_at),
                 format_time(&record.updated_at),
                 version,
-            ])?
-            == 1;
+            ])? == 1;
         if written && tombstone.is_some() {
-            tx.prepare_cached("DELETE FROM deleted WHERE name = ?1")?
-                .execute([&record.name])?;
+            tx.prepare_cached("DELETE FROM deleted WHERE name = ?1")?.execute([&record.name])?;
         }
         tx.commit()?;
         Ok(written)
@@ -245,10 +208,7 @@ impl Store {
         if stored.is_some_and(|s| s >= version) {
             return Ok(false); // a stale delete: the instance was changed after it
         }
-        let deleted = tx
-            .prepare_cached("DELETE FROM instances WHERE name = ?1")?
-            .execute([name])?
-            == 1;
+        let deleted = tx.prepare_cached("DELETE FROM instances WHERE name = ?1")?.execute([name])? == 1;
         tx.prepare_cached(
             "INSERT INTO deleted (name, version) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET version = max(version, excluded.version)",
@@ -286,34 +246,21 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if current > known {
-            return Err(StoreError::NewerSchema {
-                path: path.to_path_buf(),
-                found: current,
-                known,
-            });
+            return Err(StoreError::NewerSchema { path: path.to_path_buf(), found: current, known });
         }
         if current == known {
             return Ok(());
         }
         let next = current as usize + 1;
-        let mig_err = |source| StoreError::Migration {
-            path: path.to_path_buf(),
-            version: next,
-            source,
-        };
-        tx.execute_batch(MIGRATIONS[current as usize])
-            .map_err(mig_err)?;
-        tx.pragma_update(None, "user_version", next as i64)
-            .map_err(mig_err)?;
+        let mig_err = |source| StoreError::Migration { path: path.to_path_buf(), version: next, source };
+        tx.execute_batch(MIGRATIONS[current as usize]).map_err(mig_err)?;
+        tx.pragma_update(None, "user_version", next as i64).map_err(mig_err)?;
         tx.commit().map_err(mig_err)?;
     }
 }
 
 fn to_i64(name: &str, version: u64) -> Result<i64, StoreError> {
-    i64::try_from(version).map_err(|_| StoreError::VersionOutOfRange {
-        name: name.to_string(),
-        version,
-    })
+    i64::try_from(version).map_err(|_| StoreError::VersionOutOfRange { name: name.to_string(), version })
 }
 
 fn format_time(t: &DateTime<Utc>) -> String {
@@ -361,12 +308,7 @@ mod tests {
         let v5 = rec("x", 5);
         assert!(s.upsert(&v5).unwrap());
         assert!(!s.upsert(&rec("x", 4)).unwrap());
-        assert!(!s
-            .upsert(&InstanceRecord {
-                desired_running: true,
-                ..v5.clone()
-            })
-            .unwrap());
+        assert!(!s.upsert(&InstanceRecord { desired_running: true, ..v5.clone() }).unwrap());
         assert_eq!(s.load_all().unwrap(), vec![v5]);
         let v6 = rec("x", 6);
         assert!(s.upsert(&v6).unwrap());
@@ -377,10 +319,7 @@ mod tests {
     fn delete_then_stale_upsert_does_not_resurrect() {
         let s = Store::open_in_memory().unwrap();
         s.upsert(&rec("x", 2)).unwrap();
-        assert!(
-            !s.delete("x", 2).unwrap(),
-            "a delete not newer than the row is stale"
-        );
+        assert!(!s.delete("x", 2).unwrap(), "a delete not newer than the row is stale");
         assert_eq!(s.load_all().unwrap()[0].version, 2);
         assert!(s.delete("x", 3).unwrap());
         assert!(!s.upsert(&rec("x", 2)).unwrap());
@@ -414,14 +353,8 @@ mod tests {
         assert_eq!(s.version("x").unwrap(), Some(8));
         s.upsert(&rec("x", 9)).unwrap();
         assert_eq!(s.version("x").unwrap(), Some(9));
-        let big = InstanceRecord {
-            version: u64::MAX,
-            ..rec("x", 0)
-        };
-        assert!(matches!(
-            s.upsert(&big),
-            Err(StoreError::VersionOutOfRange { .. })
-        ));
+        let big = InstanceRecord { version: u64::MAX, ..rec("x", 0) };
+        assert!(matches!(s.upsert(&big), Err(StoreError::VersionOutOfRange { .. })));
     }
 
     #[test]
@@ -441,9 +374,8 @@ mod tests {
         assert_eq!(s.load_all().unwrap(), expected);
         assert_eq!(s.version("i3").unwrap(), Some(100));
         let sql = "SELECT * FROM pragma_journal_mode, pragma_synchronous, pragma_user_version";
-        let got: (String, i64, i64) = (s.conn.lock())
-            .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap();
+        let got: (String, i64, i64) =
+            (s.conn.lock()).query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
         assert_eq!(got, ("wal".into(), 2, MIGRATIONS.len() as i64));
     }
 
@@ -453,35 +385,24 @@ mod tests {
         let path = dir.path().join("paddock.db");
         drop(Store::open(&path).unwrap());
         let future = MIGRATIONS.len() as i64 + 1;
-        Connection::open(&path)
-            .unwrap()
-            .pragma_update(None, "user_version", future)
-            .unwrap();
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", future).unwrap();
         let err = Store::open(&path).unwrap_err();
-        assert!(
-            matches!(err, StoreError::NewerSchema { found, .. } if found == future),
-            "{err:?}"
-        );
+        assert!(matches!(err, StoreError::NewerSchema { found, .. } if found == future), "{err:?}");
         assert!(err.to_string().contains("newer paddock"), "{err}");
-        let uv: i64 = Connection::open(&path)
-            .unwrap()
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
+        let uv: i64 = Connection::open(&path).unwrap().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(uv, future, "the database must be left untouched");
     }
 
     #[test]
     fn invalid_json_config_is_rejected_and_reported() {
         let s = Store::open_in_memory().unwrap();
-        let insert = "INSERT INTO instances VALUES ('bad', '{not json', 0, '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z', 1)";
+        let insert =
+            "INSERT INTO instances VALUES ('bad', '{not json', 0, '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z', 1)";
         let err = s.conn.lock().execute(insert, []).unwrap_err();
         assert!(err.to_string().contains("CHECK constraint failed"), "{err}");
         // A row that got past the CHECK anyway is reported, not skipped.
         s.upsert(&rec("good", 1)).unwrap();
-        s.conn
-            .lock()
-            .pragma_update(None, "ignore_check_constraints", true)
-            .unwrap();
+        s.conn.lock().pragma_update(None, "ignore_check_constraints", true).unwrap();
         s.conn.lock().execute(insert, []).unwrap();
         match s.load_all() {
             Err(StoreError::CorruptRow { name, .. }) => assert_eq!(name, "bad"),
@@ -525,11 +446,7 @@ mod tests {
         assert_eq!(all.len(), expected.len());
         for r in all {
             assert_eq!(r.version, expected[&r.name], "{}", r.name);
-            assert_eq!(
-                r.config["v"], r.version,
-                "{}: config of another version",
-                r.name
-            );
+            assert_eq!(r.config["v"], r.version, "{}: config of another version", r.name);
         }
     }
 
@@ -561,15 +478,8 @@ mod tests {
         let mut acked: HashMap<String, u64> = HashMap::new();
         for cycle in 1..=5u64 {
             let mut child = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "acknowledged_writes_survive_sigkill",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(
-                    WRITER_ENV,
-                    format!("{}:{}", cycle * 1_000_000, path.display()),
-                )
+                .args(["acknowledged_writes_survive_sigkill", "--nocapture", "--test-threads=1"])
+                .env(WRITER_ENV, format!("{}:{}", cycle * 1_000_000, path.display()))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -582,53 +492,32 @@ mod tests {
                     // libtest's "test ... " (no newline) may precede the first ACK on its line.
                     let ack = line.rfind("ACK ").map(|i| &line[i + 4..]);
                     if let Some((name, v)) = ack.and_then(|l| l.split_once(' ')) {
-                        tx.send((name.to_string(), v.parse::<u64>().unwrap()))
-                            .unwrap();
+                        tx.send((name.to_string(), v.parse::<u64>().unwrap())).unwrap();
                     }
                 }
             });
             let first = rx.recv_timeout(Duration::from_secs(30));
             if first.is_ok() {
-                let jitter = std::collections::hash_map::RandomState::new()
-                    .build_hasher()
-                    .finish();
+                let jitter = std::collections::hash_map::RandomState::new().build_hasher().finish();
                 std::thread::sleep(Duration::from_millis(100 + jitter % 300));
             }
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             reader.join().unwrap();
             let got: Vec<_> = first.into_iter().chain(rx.try_iter()).collect();
-            assert!(
-                !got.is_empty(),
-                "cycle {cycle}: the writer acknowledged nothing"
-            );
+            assert!(!got.is_empty(), "cycle {cycle}: the writer acknowledged nothing");
             for (name, v) in got {
                 let m = acked.entry(name).or_insert(0);
                 *m = v.max(*m);
             }
 
             let s = Store::open(&path).unwrap();
-            let check: String = s
-                .conn
-                .lock()
-                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-                .unwrap();
+            let check: String = s.conn.lock().query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
             assert_eq!(check, "ok", "cycle {cycle}");
-            let stored: HashMap<_, _> = s
-                .load_all()
-                .unwrap()
-                .into_iter()
-                .map(|r| (r.name.clone(), r))
-                .collect();
+            let stored: HashMap<_, _> = s.load_all().unwrap().into_iter().map(|r| (r.name.clone(), r)).collect();
             for (name, v) in &acked {
-                let r = stored
-                    .get(name)
-                    .unwrap_or_else(|| panic!("cycle {cycle}: {name} lost"));
-                assert!(
-                    r.version >= *v,
-                    "cycle {cycle}: {name} at {} < acked {v}",
-                    r.version
-                );
+                let r = stored.get(name).unwrap_or_else(|| panic!("cycle {cycle}: {name} lost"));
+                assert!(r.version >= *v, "cycle {cycle}: {name} at {} < acked {v}", r.version);
                 assert_eq!(r.config["v"], r.version, "cycle {cycle}: {name} torn");
             }
         }

@@ -50,7 +50,9 @@ impl Registry {
 
     fn check_startable(&self, name: &str) -> Result<(), InstanceError> {
         self.with_entry(name, |e| {
-            e.status.transition(Event::Start).map_err(|source| InstanceError::Transition { name: name.to_string(), source })?;
+            e.status
+                .transition(Event::Start)
+                .map_err(|source| InstanceError::Transition { name: name.to_string(), source })?;
             match &e.spec.source {
                 ModelSource::HuggingFace { hf_repo, .. } => {
                     Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: hf_repo.clone() })
@@ -207,7 +209,10 @@ impl Registry {
             }
             e.restarts += 1;
             let _ = apply(e, Event::ScheduleRestart);
-            e.logs.push(Level::WARN, format!("restart {} of {} in {} s", e.restarts, policy.max_restarts, policy.restart_delay));
+            e.logs.push(
+                Level::WARN,
+                format!("restart {} of {} in {} s", e.restarts, policy.max_restarts, policy.restart_delay),
+            );
             Duration::from_secs_f64(policy.restart_delay)
         };
         self.publish(name, Status::Restarting);
@@ -215,8 +220,9 @@ impl Registry {
         let name = name.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let still_waiting =
-                registry.with_entry(&name, |e| e.generation == generation && e.status == Status::Restarting).unwrap_or(false);
+            let still_waiting = registry
+                .with_entry(&name, |e| e.generation == generation && e.status == Status::Restarting)
+                .unwrap_or(false);
             if still_waiting {
                 let _ = registry.begin_start(&name, false);
             }
@@ -301,7 +307,8 @@ impl Registry {
             Err(InstanceError::NotRunning { .. }) => {}
             other => return other,
         }
-        let (on_demand, mut status_rx) = self.with_entry(name, |e| (e.spec.policy.on_demand_start, e.status_tx.subscribe()))?;
+        let (on_demand, mut status_rx) =
+            self.with_entry(name, |e| (e.spec.policy.on_demand_start, e.status_tx.subscribe()))?;
         if !on_demand {
             return self.serving(name);
         }
@@ -310,12 +317,15 @@ impl Registry {
             Ok(_) | Err(InstanceError::Transition { .. }) => {}
             Err(e) => return Err(e),
         }
-        let settled = tokio::time::timeout(timeout, status_rx.wait_for(|s| !matches!(s, Status::Starting | Status::Stopped))).await;
+        let settled =
+            tokio::time::timeout(timeout, status_rx.wait_for(|s| !matches!(s, Status::Starting | Status::Stopped)))
+                .await;
         match settled {
             Err(_) => Err(InstanceError::StartTimeout { name: name.to_string(), secs: timeout.as_secs() }),
             Ok(_) => self.serving(name).map_err(|e| match e {
                 InstanceError::NotRunning { .. } => {
-                    let reason = self.with_entry(name, |e| e.error.clone()).ok().flatten().unwrap_or_else(|| "stopped".into());
+                    let reason =
+                        self.with_entry(name, |e| e.error.clone()).ok().flatten().unwrap_or_else(|| "stopped".into());
                     InstanceError::StartFailed { name: name.to_string(), reason }
                 }
                 other => other,

@@ -46,8 +46,19 @@ pub const MAX_METADATA_VALUES: u64 = 1 << 22;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum GgufValue {
-    U8(u8), I8(i8), U16(u16), I16(i16), U32(u32), I32(i32), F32(f32), Bool(bool),
-    String(String), Array(Vec<GgufValue>), U64(u64), I64(i64), F64(f64),
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
 }
 
 impl GgufValue {
@@ -55,9 +66,19 @@ impl GgufValue {
     pub fn type_id(&self) -> u32 {
         use GgufValue::*;
         match self {
-            U8(_) => 0, I8(_) => 1, U16(_) => 2, I16(_) => 3, U32(_) => 4, I32(_) => 5,
-            F32(_) => 6, Bool(_) => 7, String(_) => 8, Array(_) => 9, U64(_) => 10,
-            I64(_) => 11, F64(_) => 12,
+            U8(_) => 0,
+            I8(_) => 1,
+            U16(_) => 2,
+            I16(_) => 3,
+            U32(_) => 4,
+            I32(_) => 5,
+            F32(_) => 6,
+            Bool(_) => 7,
+            String(_) => 8,
+            Array(_) => 9,
+            U64(_) => 10,
+            I64(_) => 11,
+            F64(_) => 12,
         }
     }
 
@@ -111,20 +132,49 @@ pub struct GgmlType {
 
 /// ggml's `type_traits` table (llama-cpp-sys-2 0.1.160), indexed by `enum ggml_type`.
 const GGML_TYPES: [Option<(&str, u64, u64)>; 43] = [
-    Some(("f32", 1, 4)), Some(("f16", 1, 2)), Some(("q4_0", 32, 18)), Some(("q4_1", 32, 20)),
-    None, None, // 4, 5: Q4_2, Q4_3 (removed)
-    Some(("q5_0", 32, 22)), Some(("q5_1", 32, 24)), Some(("q8_0", 32, 34)), Some(("q8_1", 32, 36)),
-    Some(("q2_K", 256, 84)), Some(("q3_K", 256, 110)), Some(("q4_K", 256, 144)),
-    Some(("q5_K", 256, 176)), Some(("q6_K", 256, 210)), Some(("q8_K", 256, 292)),
-    Some(("iq2_xxs", 256, 66)), Some(("iq2_xs", 256, 74)), Some(("iq3_xxs", 256, 98)),
-    Some(("iq1_s", 256, 50)), Some(("iq4_nl", 32, 18)), Some(("iq3_s", 256, 110)),
-    Some(("iq2_s", 256, 82)), Some(("iq4_xs", 256, 136)),
-    Some(("i8", 1, 1)), Some(("i16", 1, 2)), Some(("i32", 1, 4)), Some(("i64", 1, 8)),
-    Some(("f64", 1, 8)), Some(("iq1_m", 256, 56)), Some(("bf16", 1, 2)),
-    None, None, None, // 31-33: Q4_0_4_4, Q4_0_4_8, Q4_0_8_8 (removed)
-    Some(("tq1_0", 256, 54)), Some(("tq2_0", 256, 66)),
-    None, None, None, // 36-38: IQ4_NL_4_4, IQ4_NL_4_8, IQ4_NL_8_8 (removed)
-    Some(("mxfp4", 32, 17)), Some(("nvfp4", 64, 36)), Some(("q1_0", 128, 18)), Some(("q2_0", 64, 18)),
+    Some(("f32", 1, 4)),
+    Some(("f16", 1, 2)),
+    Some(("q4_0", 32, 18)),
+    Some(("q4_1", 32, 20)),
+    None,
+    None, // 4, 5: Q4_2, Q4_3 (removed)
+    Some(("q5_0", 32, 22)),
+    Some(("q5_1", 32, 24)),
+    Some(("q8_0", 32, 34)),
+    Some(("q8_1", 32, 36)),
+    Some(("q2_K", 256, 84)),
+    Some(("q3_K", 256, 110)),
+    Some(("q4_K", 256, 144)),
+    Some(("q5_K", 256, 176)),
+    Some(("q6_K", 256, 210)),
+    Some(("q8_K", 256, 292)),
+    Some(("iq2_xxs", 256, 66)),
+    Some(("iq2_xs", 256, 74)),
+    Some(("iq3_xxs", 256, 98)),
+    Some(("iq1_s", 256, 50)),
+    Some(("iq4_nl", 32, 18)),
+    Some(("iq3_s", 256, 110)),
+    Some(("iq2_s", 256, 82)),
+    Some(("iq4_xs", 256, 136)),
+    Some(("i8", 1, 1)),
+    Some(("i16", 1, 2)),
+    Some(("i32", 1, 4)),
+    Some(("i64", 1, 8)),
+    Some(("f64", 1, 8)),
+    Some(("iq1_m", 256, 56)),
+    Some(("bf16", 1, 2)),
+    None,
+    None,
+    None, // 31-33: Q4_0_4_4, Q4_0_4_8, Q4_0_8_8 (removed)
+    Some(("tq1_0", 256, 54)),
+    Some(("tq2_0", 256, 66)),
+    None,
+    None,
+    None, // 36-38: IQ4_NL_4_4, IQ4_NL_4_8, IQ4_NL_8_8 (removed)
+    Some(("mxfp4", 32, 17)),
+    Some(("nvfp4", 64, 36)),
+    Some(("q1_0", 128, 18)),
+    Some(("q2_0", 64, 18)),
 ];
 
 /// The ggml tensor type with this id, if the linked ggml knows it.
@@ -150,13 +200,19 @@ pub struct GgufFile {
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("cannot read {}: {source}", show_path(path))]
-    Io { path: PathBuf, #[source] source: io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Bad magic; holds the first (up to 4) bytes.
     #[error("not a GGUF file ({})", describe_start(.0))]
     NotGguf(Vec<u8>),
     #[error("{}", version_message(*.0))]
     UnsupportedVersion(u32),
-    #[error("big-endian GGUF is not supported (version field reads {0:#010x}); use a little-endian GGUF of this model")]
+    #[error(
+        "big-endian GGUF is not supported (version field reads {0:#010x}); use a little-endian GGUF of this model"
+    )]
     BigEndian(u32),
     #[error("file ends inside {what} at byte {offset}")]
     Truncated { what: String, offset: u64 },
@@ -169,7 +225,11 @@ pub enum GgufError {
 }
 
 fn show_path(p: &Path) -> String {
-    if p.as_os_str().is_empty() { "GGUF data".into() } else { p.display().to_string() }
+    if p.as_os_str().is_empty() {
+        "GGUF data".into()
+    } else {
+        p.display().to_string()
+    }
 }
 
 fn describe_start(b: &[u8]) -> String {
@@ -177,8 +237,7 @@ fn describe_start(b: &[u8]) -> String {
         return "the file is empty".into();
     }
     let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
-    let text: String =
-        b.iter().map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '.' }).collect();
+    let text: String = b.iter().map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '.' }).collect();
     format!("starts with {} = \"{text}\", expected \"GGUF\"", hex.join(" "))
 }
 
@@ -289,7 +348,9 @@ impl<R: Read> Src<R> {
         } else {
             // Grow while reading: memory is only spent on bytes that are really there.
             let mut buf = Vec::with_capacity(1 << 16);
-            let got = (&mut self.r).take(len).read_to_end(&mut buf)
+            let got = (&mut self.r)
+                .take(len)
+                .read_to_end(&mut buf)
                 .map_err(|source| GgufError::Io { path: PathBuf::new(), source })?;
             if got as u64 != len {
                 return Err(GgufError::Truncated { what: what.to_string(), offset: at });
@@ -309,7 +370,8 @@ impl<R: Read> Src<R> {
         self.values += 1;
         if self.values > MAX_METADATA_VALUES {
             return Err(invalid(format!(
-                "more than {MAX_METADATA_VALUES} metadata values (key '{key}' at byte {})", self.pos
+                "more than {MAX_METADATA_VALUES} metadata values (key '{key}' at byte {})",
+                self.pos
             )));
         }
         let what = Ctx("value of key", key);
@@ -376,7 +438,9 @@ impl GgufFile {
         let mut s = Src { r: reader, pos: 0, size: file_size, values: 0 };
 
         let mut magic = Vec::with_capacity(4);
-        (&mut s.r).take(file_size.min(4)).read_to_end(&mut magic)
+        (&mut s.r)
+            .take(file_size.min(4))
+            .read_to_end(&mut magic)
             .map_err(|source| GgufError::Io { path: PathBuf::new(), source })?;
         s.pos = magic.len() as u64;
         if magic.is_empty() || !b"GGUF".starts_with(&magic) {
@@ -401,7 +465,9 @@ impl GgufFile {
             return Err(invalid(format!("metadata count {n_kv} at byte 16 exceeds the file size ({left} bytes left)")));
         }
         if n_tensors.checked_mul(24).is_none_or(|n| n > left) {
-            return Err(invalid(format!("tensor count {n_tensors} at byte 8 exceeds the file size ({left} bytes left)")));
+            return Err(invalid(format!(
+                "tensor count {n_tensors} at byte 8 exceeds the file size ({left} bytes left)"
+            )));
         }
 
         let mut metadata = Vec::with_capacity(n_kv.min(1024) as usize);
@@ -474,7 +540,9 @@ impl GgufFile {
                 return Err(invalid(format!("duplicate metadata key '{key}'")));
             }
             if value.as_array().is_some_and(|a| a.iter().any(|v| v.as_array().is_some())) {
-                return Err(invalid(format!("metadata key '{key}' holds an array of arrays, which llama.cpp cannot load")));
+                return Err(invalid(format!(
+                    "metadata key '{key}' holds an array of arrays, which llama.cpp cannot load"
+                )));
             }
         }
         let mut names = HashSet::new();
@@ -483,7 +551,9 @@ impl GgufFile {
             let name = &t.name;
             if name.len() >= GGML_MAX_NAME {
                 return Err(invalid(format!(
-                    "tensor name '{name}' is {} bytes long; llama.cpp allows at most {}", name.len(), GGML_MAX_NAME - 1
+                    "tensor name '{name}' is {} bytes long; llama.cpp allows at most {}",
+                    name.len(),
+                    GGML_MAX_NAME - 1
                 )));
             }
             if !names.insert(name.as_str()) {
@@ -491,7 +561,8 @@ impl GgufFile {
             }
             if t.dims.len() > GGML_MAX_DIMS {
                 return Err(invalid(format!(
-                    "tensor '{name}' has {} dimensions; llama.cpp supports at most {GGML_MAX_DIMS}", t.dims.len()
+                    "tensor '{name}' has {} dimensions; llama.cpp supports at most {GGML_MAX_DIMS}",
+                    t.dims.len()
                 )));
             }
             let n_bytes = t.n_bytes()?;
@@ -505,9 +576,7 @@ impl GgufFile {
             let start = self.data_offset.checked_add(t.offset).ok_or_else(overflow)?;
             let end = start.checked_add(n_bytes).ok_or_else(overflow)?;
             if end > self.file_size {
-                return Err(GgufError::DataOutOfBounds {
-                    tensor: name.clone(), start, end, file_size: self.file_size,
-                });
+                return Err(GgufError::DataOutOfBounds { tensor: name.clone(), start, end, file_size: self.file_size });
             }
             let padded = n_bytes.div_ceil(self.alignment).checked_mul(self.alignment).ok_or_else(overflow)?;
             expected_offset = expected_offset.checked_add(padded).ok_or_else(overflow)?;
@@ -524,9 +593,10 @@ impl TensorInfo {
             .ok_or_else(|| GgufError::UnknownGgmlType { tensor: name.clone(), type_id: self.ggml_type })?;
         let mut n: u64 = 1;
         for &d in &self.dims {
-            n = n.checked_mul(d).filter(|&n| n <= i64::MAX as u64).ok_or_else(|| {
-                invalid(format!("tensor '{name}' has too many elements (shape {:?})", self.dims))
-            })?;
+            n = n
+                .checked_mul(d)
+                .filter(|&n| n <= i64::MAX as u64)
+                .ok_or_else(|| invalid(format!("tensor '{name}' has too many elements (shape {:?})", self.dims)))?;
         }
         let row = self.dims.first().copied().unwrap_or(1);
         if row % ty.block_size != 0 {
@@ -641,7 +711,10 @@ mod tests {
 
     fn sample_tensors() -> Vec<TensorInfo> {
         let t = |name: &str, dims: &[u64], ggml_type, offset| TensorInfo {
-            name: name.into(), dims: dims.to_vec(), ggml_type, offset,
+            name: name.into(),
+            dims: dims.to_vec(),
+            ggml_type,
+            offset,
         };
         // f32 4x2 = 32 bytes at 0; q4_0 with 64 elements = 2 blocks of 18 bytes at 32.
         vec![t("token_embd.weight", &[4, 2], 0, 0), t("blk.0.attn_q.weight", &[64], 2, 32)]

@@ -84,9 +84,8 @@ impl TestServer {
 
     /// Creates and starts an instance of the test model, and waits until it runs.
     pub async fn running_instance(&self, name: &str, options: Value) -> Value {
-        let (status, body) = self
-            .post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": options }))
-            .await;
+        let (status, body) =
+            self.post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": options })).await;
         assert_eq!(status, 201, "create {name}: {body}");
         let (status, body) = self.post(&format!("/api/instances/{name}/start"), json!({})).await;
         assert_eq!(status, 200, "start {name}: {body}");
@@ -156,7 +155,8 @@ impl TestServer {
 pub fn parse_sse(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter_map(|event| {
-            let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim_start()).collect();
+            let data: Vec<&str> =
+                event.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim_start()).collect();
             (!data.is_empty()).then(|| data.join("\n"))
         })
         .collect()
@@ -165,7 +165,10 @@ pub fn parse_sse(text: &str) -> Vec<String> {
 /// Greedy completion text of `prompt` (`max_tokens` tokens) on `model`.
 pub async fn greedy(server: &TestServer, model: &str, prompt: &str, max_tokens: u32) -> (String, Value) {
     let (status, body) = server
-        .post("/v1/completions", json!({ "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 }))
+        .post(
+            "/v1/completions",
+            json!({ "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0 }),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     (body["choices"][0]["text"].as_str().unwrap().to_string(), body)

@@ -93,7 +93,8 @@ async fn llamactl_prefix_is_an_alias() {
 #[tokio::test]
 async fn bad_input_gets_clear_errors() {
     let s = server();
-    let (status, body) = s.post("/api/instances", json!({ "name": "nofile", "model_path": "/nonexistent/x.gguf" })).await;
+    let (status, body) =
+        s.post("/api/instances", json!({ "name": "nofile", "model_path": "/nonexistent/x.gguf" })).await;
     assert_eq!(status, 400);
     assert_error_shape(&body, "MODEL_NOT_FOUND");
     assert!(body["details"].as_str().unwrap().contains("/nonexistent/x.gguf"));
@@ -109,7 +110,8 @@ async fn bad_input_gets_clear_errors() {
     assert_error_shape(&body, "INVALID_OPTIONS");
     assert!(body["details"].as_str().unwrap().contains("unknown field `flash`"), "names the unknown option: {body}");
 
-    let (status, body) = s.post("/api/instances", json!({ "name": "typo", "model_path": model_path(), "auto_restrat": true })).await;
+    let (status, body) =
+        s.post("/api/instances", json!({ "name": "typo", "model_path": model_path(), "auto_restrat": true })).await;
     assert_eq!(status, 400, "a typo is not silently dropped: {body}");
     assert!(body["details"].as_str().unwrap().contains("auto_restrat"), "{body}");
 
@@ -263,12 +265,17 @@ async fn logs_follow_streams_new_lines() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !seen.contains("\"message\":\"running\"") {
         assert!(std::time::Instant::now() < deadline, "no 'running' line followed: {seen}");
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(60), stream.next()).await.unwrap().unwrap().unwrap();
+        let chunk =
+            tokio::time::timeout(std::time::Duration::from_secs(60), stream.next()).await.unwrap().unwrap().unwrap();
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     let lines = crate::common::parse_sse(&seen);
     let first: Value = serde_json::from_str(&lines[0]).unwrap();
-    assert_eq!(first["message"], "instance created with model ".to_string() + model_path().to_str().unwrap(), "the tail (lines=1) comes first");
+    assert_eq!(
+        first["message"],
+        "instance created with model ".to_string() + model_path().to_str().unwrap(),
+        "the tail (lines=1) comes first"
+    );
     assert!(lines.iter().any(|l| l.contains("starting: loading model")), "{seen}");
     assert!(!seen.contains("\"level\":\"debug\""), "level=info filters debug lines");
     drop(stream);

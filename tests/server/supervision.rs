@@ -45,11 +45,13 @@ async fn llamactl_create_form_update_and_restart() {
     assert_eq!(inst["max_restarts"], 3, "defaults fill what is not given");
     assert!(inst["pid"].as_u64().unwrap() > 0);
 
-    let (status, body) = s.post("/api/instances/form2.v1", json!({ "backend_options": { "model": model_path() } })).await;
+    let (status, body) =
+        s.post("/api/instances/form2.v1", json!({ "backend_options": { "model": model_path() } })).await;
     assert_eq!(status, 409, "{body}");
     let (status, body) = s.post("/api/instances/x", json!({ "backend_type": "vllm", "backend_options": {} })).await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = s.post("/api/instances/hf", json!({ "backend_options": { "hf_repo": "unsloth/gemma-3-270m-it-GGUF" } })).await;
+    let (status, body) =
+        s.post("/api/instances/hf", json!({ "backend_options": { "hf_repo": "unsloth/gemma-3-270m-it-GGUF" } })).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["instance"]["hf_repo"], "unsloth/gemma-3-270m-it-GGUF");
     let (status, body) = s.post("/api/instances/hf/start", json!({})).await;
@@ -70,7 +72,11 @@ async fn llamactl_create_form_update_and_restart() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["restart_required"], true);
     assert!(body["message"].as_str().unwrap().contains("restart"));
-    assert_eq!(s.get("/api/instances/form2.v1").await.1["model"]["n_ctx"], 256, "still the old context until restarted");
+    assert_eq!(
+        s.get("/api/instances/form2.v1").await.1["model"]["n_ctx"],
+        256,
+        "still the old context until restarted"
+    );
     let (status, body) = s.post("/api/instances/form2.v1/restart", json!({})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "starting");
@@ -99,7 +105,8 @@ async fn graceful_stop_drains_and_force_cancels() {
         assert_eq!(s.post("/api/instances", create).await.0, 201);
         s.post(&format!("/api/instances/{name}/start"), json!({})).await;
         s.wait_status(name, "running").await;
-        let req = json!({ "model": name, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": true });
+        let req =
+            json!({ "model": name, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "stream": true });
         let resp = s.client.post(s.url("/v1/completions")).json(&req).send().await.unwrap();
         let mut body = resp.bytes_stream();
         body.next().await.unwrap().unwrap(); // generation under way
@@ -128,7 +135,8 @@ async fn graceful_stop_drains_and_force_cancels() {
 async fn start_all_and_stop_all_report_each_instance() {
     let s = spawn_server(|_| {});
     for name in ["a1", "a2"] {
-        let (status, _) = s.post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": small() })).await;
+        let (status, _) =
+            s.post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": small() })).await;
         assert_eq!(status, 201);
     }
     let (status, body) = s.post("/api/instances/start-all", json!({})).await;
@@ -152,17 +160,17 @@ async fn on_demand_start_and_idle_stop() {
     let s = server();
     let name = "ondemand";
     let (status, body) = s
-        .post("/api/instances", json!({ "name": name, "model_path": model_path(), "idle_timeout": 0.03, "options": small() }))
+        .post(
+            "/api/instances",
+            json!({ "name": name, "model_path": model_path(), "idle_timeout": 0.03, "options": small() }),
+        )
         .await;
     assert_eq!(status, 201, "{body}");
     let (text, body) = greedy(s, name, "The capital of France is", 2).await;
     assert_eq!(body["usage"]["completion_tokens"], 2, "{text:?}");
     assert_eq!(s.get(&format!("/api/instances/{name}")).await.1["status"], "running");
     // 0.03 min = 1.8 s without inference traffic; polling health and GET meanwhile must not keep it up.
-    let stopped = wait_for(s, name, "idle stop", |b| {
-        b["status"] == "stopped"
-    })
-    .await;
+    let stopped = wait_for(s, name, "idle stop", |b| b["status"] == "stopped").await;
     assert_eq!(stopped["status"], "stopped");
     let (_, health) = s.get(&format!("/api/instances/{name}/health")).await;
     assert_eq!(health["status"], "stopped");
@@ -179,7 +187,11 @@ async fn eviction_under_max_running_instances() {
     for name in ["e1", "e2"] {
         s.post("/api/instances", json!({ "name": name, "model_path": model_path(), "options": small() })).await;
     }
-    s.post("/api/instances", json!({ "name": "pinned", "model_path": model_path(), "evictable": false, "options": small() })).await;
+    s.post(
+        "/api/instances",
+        json!({ "name": "pinned", "model_path": model_path(), "evictable": false, "options": small() }),
+    )
+    .await;
     s.post("/api/instances/e1/start", json!({})).await;
     s.wait_status("e1", "running").await;
     // On-demand start of e2 evicts e1.
@@ -187,7 +199,11 @@ async fn eviction_under_max_running_instances() {
     assert_eq!(body["usage"]["completion_tokens"], 1, "{text:?}");
     assert_eq!(s.get("/api/instances/e1").await.1["status"], "stopped");
     let (_, logs) = s.get("/api/instances/e1/logs").await;
-    assert!(logs["logs"].as_array().unwrap().iter().any(|l| l["message"].as_str().unwrap().starts_with("evicted to make room for 'e2'")));
+    assert!(logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["message"].as_str().unwrap().starts_with("evicted to make room for 'e2'")));
 
     s.post("/api/instances/e2/stop", json!({})).await;
     s.post("/api/instances/pinned/start", json!({})).await;
@@ -203,7 +219,8 @@ async fn eviction_under_max_running_instances() {
 #[tokio::test]
 async fn stop_during_load_answers_stopped_and_delete_follows() {
     let s = server();
-    let (status, _) = s.post("/api/instances", json!({ "name": "quick", "model_path": model_path(), "options": small() })).await;
+    let (status, _) =
+        s.post("/api/instances", json!({ "name": "quick", "model_path": model_path(), "options": small() })).await;
     assert_eq!(status, 201);
     let (status, body) = s.post("/api/instances/quick/start", json!({})).await;
     assert_eq!((status, body["status"].as_str()), (200, Some("starting")));
@@ -225,7 +242,8 @@ async fn config_update_applies_live_and_saves() {
     let (_, live) = s.get("/api/config").await;
     assert_eq!(live["max_running_instances"], 1);
     assert_ne!(live["port"], 9999, "the port changes only after a restart");
-    let saved = std::fs::read_to_string(std::path::Path::new(live["data_dir"].as_str().unwrap()).join("paddock.yaml")).unwrap();
+    let saved =
+        std::fs::read_to_string(std::path::Path::new(live["data_dir"].as_str().unwrap()).join("paddock.yaml")).unwrap();
     assert!(saved.contains("port: 9999") && saved.contains("max_running_instances: 1"), "{saved}");
 
     let (status, body) = s.put("/api/config", json!({ "max_running_instances": 0 })).await;
