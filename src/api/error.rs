@@ -118,6 +118,7 @@ impl From<InstanceError> for ApiError {
             NoCapacity(_) => (StatusCode::CONFLICT, "NO_CAPACITY"),
             Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "STORE_ERROR"),
             InvalidModel { .. } => (StatusCode::BAD_REQUEST, "INVALID_MODEL"),
+            PortInUse { .. } => (StatusCode::CONFLICT, "PORT_IN_USE"),
         };
         let message = match &e {
             NotFound(_) => "Instance not found",
@@ -134,6 +135,7 @@ impl From<InstanceError> for ApiError {
             NoCapacity(_) => "No room to start the instance",
             Store(_) => "Could not persist the change",
             InvalidModel { .. } => "The model file is not a valid GGUF",
+            PortInUse { .. } => "The instance's port is in use",
         };
         ApiError::new(status, code, message).with_details(e.to_string())
     }

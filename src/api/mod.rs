@@ -49,6 +49,7 @@ impl AppState {
         config.prepare().map_err(|e| e.to_string())?;
         let registry = Registry::open(&config.data_dir.join(DATABASE)).map_err(|e| e.to_string())?;
         registry.set_max_running(config.max_running_instances);
+        registry.set_bind_host(config.host);
         Ok(AppState {
             registry,
             config: Arc::new(parking_lot::RwLock::new(config)),
@@ -87,7 +88,44 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     state.registry.spawn_supervisor();
+    tokio::spawn(serve_instance_ports(state.clone()));
     let registry = state.registry.clone();
     tokio::spawn(async move { registry.resume().await });
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves each running instance's own `port` (when it has one) with the routes a llama-server
+/// would answer there, pinned to that instance, until the instance leaves `running`; the port
+/// is then closed. The registry binds the port at start, so a port in use fails the start.
+async fn serve_instance_ports(state: AppState) {
+    let mut events = state.registry.subscribe();
+    loop {
+        let change = match events.recv().await {
+            Ok(change) => change,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if change.status != crate::instance::Status::Running {
+            continue;
+        }
+        let Some((listener, mut status)) = state.registry.take_port(&change.name) else { continue };
+        let router = Router::new()
+            .nest("/v1", openai::routes())
+            .merge(system::root_routes())
+            .fallback(openai_not_found)
+            .layer(axum::Extension(openai::Pinned(change.name.as_str().into())))
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            let listener = match listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)) {
+                Ok(l) => l,
+                Err(e) => return tracing::error!(instance = %change.name, "cannot serve the instance's port: {e}"),
+            };
+            let stopped = async move {
+                let _ = status.wait_for(|s| *s != crate::instance::Status::Running).await;
+            };
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stopped).await {
+                tracing::error!(instance = %change.name, "instance port failed: {e}");
+            }
+        });
+    }
 }

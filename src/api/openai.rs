@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Router;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -35,11 +37,12 @@ pub fn routes() -> Router<AppState> {
 
 type OaiResult<T> = Result<T, OpenAiError>;
 
-async fn models(State(state): State<AppState>) -> impl IntoResponse {
+async fn models(State(state): State<AppState>, pinned: Option<Extension<Pinned>>) -> impl IntoResponse {
     let data: Vec<Value> = state
         .registry
         .list()
         .into_iter()
+        .filter(|i| pinned.as_ref().is_none_or(|Extension(Pinned(name))| i.name == **name))
         .map(|i| {
             json!({
                 "id": i.name,
@@ -225,7 +228,19 @@ fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiErr
         .collect()
 }
 
-async fn chat_completions(State(state): State<AppState>, OaiJson(req): OaiJson<ChatRequest>) -> OaiResult<Response> {
+/// Set on routers served on an instance's own port: requests go to that instance whatever
+/// `model` they name, as they would with a llama-server.
+#[derive(Clone)]
+pub struct Pinned(pub Arc<str>);
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    pinned: Option<Extension<Pinned>>,
+    OaiJson(mut req): OaiJson<ChatRequest>,
+) -> OaiResult<Response> {
+    if let Some(Extension(Pinned(name))) = pinned {
+        req.model = name.to_string();
+    }
     let serving = lookup(&state, &req.model).await?;
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
@@ -269,7 +284,14 @@ enum PromptIn {
 /// OpenAI's default for `/v1/completions`.
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
 
-async fn completions(State(state): State<AppState>, OaiJson(req): OaiJson<CompletionRequest>) -> OaiResult<Response> {
+async fn completions(
+    State(state): State<AppState>,
+    pinned: Option<Extension<Pinned>>,
+    OaiJson(mut req): OaiJson<CompletionRequest>,
+) -> OaiResult<Response> {
+    if let Some(Extension(Pinned(name))) = pinned {
+        req.model = name.to_string();
+    }
     let serving = lookup(&state, &req.model).await?;
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)), "max_tokens")?;

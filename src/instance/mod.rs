@@ -72,6 +72,8 @@ pub enum InstanceError {
     Store(String),
     #[error("{path} is not a usable GGUF model: {reason}")]
     InvalidModel { path: String, reason: String },
+    #[error("instance '{name}' cannot listen on port {port}: {reason}")]
+    PortInUse { name: String, port: u16, reason: String },
 }
 
 /// How long a health check waits for the engine loop to answer.
@@ -168,6 +170,9 @@ struct Entry {
     restarts: u32,
     /// Whether the instance should run (persisted: it comes back up after a restart of paddock).
     desired_running: bool,
+    /// The instance's own port, bound when it starts (so a port in use fails the start) and
+    /// taken by the API layer, which serves the instance's routes on it while it runs.
+    port_listener: Option<std::net::TcpListener>,
 }
 
 impl Entry {
@@ -185,6 +190,7 @@ impl Entry {
             generation: 0,
             restarts: 0,
             desired_running: false,
+            port_listener: None,
         }
     }
 
@@ -222,6 +228,8 @@ struct Inner {
     events: broadcast::Sender<StatusChange>,
     /// Most instances running (or starting) at once; None = no limit.
     max_running: Mutex<Option<usize>>,
+    /// Address instances' own ports bind to (the server's host).
+    bind_host: Mutex<std::net::IpAddr>,
     /// Where instance records are persisted; None = in memory only.
     store: Option<store::Store>,
     /// Last version given to a persisted change (see [`Registry::next_version`]).
@@ -247,6 +255,7 @@ impl Registry {
                 map: Mutex::new(HashMap::new()),
                 events,
                 max_running: Mutex::new(None),
+                bind_host: Mutex::new(std::net::IpAddr::from([127, 0, 0, 1])),
                 store,
                 last_version: AtomicU64::new(0),
             }),
@@ -351,6 +360,20 @@ impl Registry {
                 tracing::error!(instance = name, "{e}");
             }
         }
+    }
+
+    /// The address instances' own ports listen on.
+    pub fn set_bind_host(&self, host: std::net::IpAddr) {
+        *self.inner.bind_host.lock() = host;
+    }
+
+    /// Takes the bound listener of a running instance's own port, with a receiver of its status
+    /// to stop serving when it stops. None when it has no port or it was already taken.
+    pub fn take_port(&self, name: &str) -> Option<(std::net::TcpListener, watch::Receiver<Status>)> {
+        let mut map = self.inner.map.lock();
+        let e = map.get_mut(name).filter(|e| e.status == Status::Running)?;
+        let listener = e.port_listener.take()?;
+        Some((listener, e.status_tx.subscribe()))
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {

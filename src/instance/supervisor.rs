@@ -97,22 +97,30 @@ impl Registry {
 
     /// `manual`: a user's start resets the automatic-restart count.
     fn begin_start(&self, name: &str, manual: bool) -> Result<Status, InstanceError> {
-        let (config, generation) = {
-            let mut map = self.inner.map.lock();
-            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
-            let Some(model_path) = e.spec.model_path().cloned() else {
-                return Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: String::new() });
+        let (config, generation) =
+            {
+                let mut map = self.inner.map.lock();
+                let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+                let Some(model_path) = e.spec.model_path().cloned() else {
+                    return Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: String::new() });
+                };
+                if let (Some(port), None) = (e.spec.port, &e.port_listener) {
+                    let host = *self.inner.bind_host.lock();
+                    let listener = std::net::TcpListener::bind((host, port)).map_err(|err| {
+                        InstanceError::PortInUse { name: name.to_string(), port, reason: err.to_string() }
+                    })?;
+                    e.port_listener = Some(listener);
+                }
+                apply(e, Event::Start)?;
+                e.generation += 1;
+                if manual {
+                    e.restarts = 0;
+                    e.error = None;
+                }
+                e.cancel_load = Arc::new(AtomicBool::new(false));
+                e.logs.push(Level::INFO, "starting: loading model");
+                (e.spec.options.engine_config(name, model_path, e.logs.clone(), e.cancel_load.clone()), e.generation)
             };
-            apply(e, Event::Start)?;
-            e.generation += 1;
-            if manual {
-                e.restarts = 0;
-                e.error = None;
-            }
-            e.cancel_load = Arc::new(AtomicBool::new(false));
-            e.logs.push(Level::INFO, "starting: loading model");
-            (e.spec.options.engine_config(name, model_path, e.logs.clone(), e.cancel_load.clone()), e.generation)
-        };
         self.publish(name, Status::Starting);
         let registry = self.clone();
         let name = name.to_string();

@@ -13,17 +13,18 @@ fn assert_error_shape(body: &Value, code: &str) {
 #[tokio::test]
 async fn instance_lifecycle_create_start_stop_delete() {
     let s = server();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (status, body) = s
         .post(
             "/api/instances",
-            json!({ "name": "life", "model_path": model_path(), "port": 8081, "options": { "ctx_size": 512, "parallel": 1, "threads": 1 } }),
+            json!({ "name": "life", "model_path": model_path(), "port": port, "options": { "ctx_size": 512, "parallel": 1, "threads": 1 } }),
         )
         .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["message"], "Instance created successfully");
     assert_eq!(body["instance"]["name"], "life");
     assert_eq!(body["instance"]["status"], "stopped");
-    assert_eq!(body["instance"]["port"], 8081);
+    assert_eq!(body["instance"]["port"], port);
     assert_eq!(body["instance"]["options"]["context_size"], 512, "llama-server's ctx_size is stored as context_size");
 
     let (status, body) = s.post("/api/instances", json!({ "name": "life", "model_path": model_path() })).await;

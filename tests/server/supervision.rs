@@ -253,3 +253,57 @@ async fn config_update_applies_live_and_saves() {
     assert!(status == 400 || status == 422, "{status} {body}");
     assert!(body["details"].as_str().unwrap().contains("max_runing_instances"), "{body}");
 }
+
+/// An instance's own `port` answers its routes while it runs, whatever `model` a client names
+/// (as a llama-server would); a port in use fails the start with 409; stopping closes the port.
+#[tokio::test]
+async fn an_instance_serves_its_own_port_while_running() {
+    let s = server();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let create = |name: &str| json!({ "name": name, "model_path": model_path(), "port": port, "options": small() });
+    assert_eq!(s.post("/api/instances", create("ported")).await.0, 201);
+    assert_eq!(s.post("/api/instances", create("clash")).await.0, 201);
+    s.post("/api/instances/ported/start", json!({})).await;
+    s.wait_status("ported", "running").await;
+
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        match s.client.get(format!("{base}/health")).send().await {
+            Ok(r) => break r.json::<Value>().await.unwrap(),
+            Err(e) => assert!(Instant::now() < deadline, "port never opened: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(health["status"], "ok");
+    let r = s
+        .client
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({ "model": "whatever-the-client-says", "prompt": "Hello", "max_tokens": 2 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["model"], "ported", "{body}");
+    let models: Value = s.client.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+
+    let (status, body) = s.post("/api/instances/clash/start", json!({})).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "PORT_IN_USE");
+    assert!(body["details"].as_str().unwrap().contains(&port.to_string()), "{body}");
+    assert_eq!(s.get("/api/instances/clash").await.1["status"], "stopped");
+
+    s.post("/api/instances/ported/stop", json!({})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.client.get(format!("{base}/health")).send().await.is_ok() {
+        assert!(Instant::now() < deadline, "port still open after stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Freed: the other instance may now take it.
+    let (status, body) = s.post("/api/instances/clash/start", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    s.wait_status("clash", "running").await;
+    s.post("/api/instances/clash/stop", json!({ "force": true })).await;
+}
