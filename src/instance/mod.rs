@@ -90,6 +90,8 @@ pub struct Health {
 pub struct HealthChecks {
     /// The engine thread's state.
     pub process: &'static str,
+    /// The instance's own port: `open` while it runs, `closed` otherwise, `none` without one.
+    pub port: &'static str,
     /// Whether the engine loop answered a ping.
     pub response: &'static str,
 }
@@ -484,8 +486,9 @@ impl Registry {
 
     /// Health as llamactl reports it; `response` is a real round trip through the engine loop.
     pub async fn health(&self, name: &str) -> Result<Health, InstanceError> {
-        let (status, engine) =
-            self.with_entry(name, |e| (e.status, e.running.as_ref().map(|r| r.serving.engine.clone())))?;
+        let (status, engine, has_port) = self.with_entry(name, |e| {
+            (e.status, e.running.as_ref().map(|r| r.serving.engine.clone()), e.spec.port.is_some())
+        })?;
         let (overall, process, response) = match (status, engine) {
             (Status::Running, Some(engine)) => {
                 if engine.ping(HEALTH_TIMEOUT).await {
@@ -495,11 +498,17 @@ impl Registry {
                 }
             }
             (Status::Starting, _) => ("loading", "starting", "unavailable"),
+            (Status::Restarting, _) => ("loading", "restarting", "unavailable"),
             (Status::Failed, _) => ("failed", "failed", "unavailable"),
-            (Status::Stopping, _) => ("stopping", "stopping", "unavailable"),
+            (Status::Stopping, _) => ("unhealthy", "stopping", "unavailable"),
             _ => ("stopped", "stopped", "unavailable"),
         };
-        Ok(Health { status: overall, checks: HealthChecks { process, response }, last_check: Utc::now() })
+        let port = match (has_port, status) {
+            (false, _) => "none",
+            (true, Status::Running) => "open",
+            (true, _) => "closed",
+        };
+        Ok(Health { status: overall, checks: HealthChecks { process, port, response }, last_check: Utc::now() })
     }
 
     fn with_entry<T>(&self, name: &str, f: impl FnOnce(&Entry) -> T) -> Result<T, InstanceError> {

@@ -78,9 +78,13 @@ impl Registry {
                 active
                     .iter()
                     .filter(|e| e.spec.policy.evictable && e.status == Status::Running)
-                    .filter_map(|e| e.running.as_ref().map(|r| (e.spec.name.clone(), r.serving.engine.idle_for())))
-                    .max_by_key(|(_, idle)| *idle)
-                    .map(|(n, _)| n)
+                    .filter_map(|e| {
+                        let engine = &e.running.as_ref()?.serving.engine;
+                        Some((e.spec.name.clone(), !engine.is_busy(), engine.idle_for()))
+                    })
+                    // An idle instance before a busy one, then the least recently used.
+                    .max_by_key(|(_, idle_now, idle_for)| (*idle_now, *idle_for))
+                    .map(|(n, _, _)| n)
                     .ok_or_else(|| {
                         let names: Vec<_> = active.iter().map(|e| format!("{} ({})", e.spec.name, e.status)).collect();
                         InstanceError::NoCapacity(format!(

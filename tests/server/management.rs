@@ -47,6 +47,7 @@ async fn instance_lifecycle_create_start_stop_delete() {
     assert_eq!(status, 200);
     assert_eq!(health["status"], "healthy", "{health}");
     assert_eq!(health["checks"]["response"], "ok", "{health}");
+    assert_eq!(health["checks"]["port"], "open", "{health}");
 
     let (status, body) = s.post("/api/instances/life/start", json!({})).await;
     assert_eq!(status, 409, "starting a running instance: {body}");
