@@ -92,13 +92,18 @@ fn parse_body(value: Value) -> Result<Body, ApiError> {
         Some(Value::Null) | None => {}
         Some(_) => return Err(invalid("backend_options must be an object")),
     }
+    let options_error = |e: String| {
+        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_OPTIONS", "Invalid instance options").with_details(e)
+    };
+    // llama-server flags by their names, at the top level or inside the options.
+    for extra in [top.remove("extra"), options.remove("extra")].into_iter().flatten() {
+        let Value::Object(extra) = extra else { return Err(invalid("extra must be an object of llama-server flags")) };
+        crate::instance::options::fold_extra(&mut options, extra).map_err(options_error)?;
+    }
     if let Some(field) = top.keys().next() {
         return Err(invalid(format!("unknown field `{field}`")));
     }
-    body.options = serde_json::from_value(Value::Object(options)).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "INVALID_OPTIONS", "Invalid instance options")
-            .with_details(e.to_string())
-    })?;
+    body.options = serde_json::from_value(Value::Object(options)).map_err(|e| options_error(e.to_string()))?;
     body.source = match (model_path.or(backend_model), hf) {
         (Some(model_path), (None, None)) => Some(ModelSource::Path { model_path }),
         (None, (Some(hf_repo), hf_file)) => Some(ModelSource::HuggingFace { hf_repo, hf_file }),

@@ -52,6 +52,7 @@ pub struct EngineConfig {
     pub queue_size: u32,
     /// Default seed of requests that give none; None = random per request.
     pub seed: Option<u32>,
+    pub flash_attn: llama_cpp_sys_2::llama_flash_attn_type,
     pub logs: Arc<LogBuffer>,
     /// Set to abandon a load in progress (llama.cpp's progress callback checks it).
     pub cancel_load: Arc<AtomicBool>,

@@ -185,6 +185,7 @@ fn new_context<'m>(config: &EngineConfig, model: &'m LlamaModel) -> Result<Llama
         .with_n_seq_max(config.n_parallel)
         .with_n_threads(config.n_threads)
         .with_n_threads_batch(config.n_threads_batch)
+        .with_flash_attention_policy(config.flash_attn)
         .with_kv_unified(KV_UNIFIED)
         // Sliding-window layers keep every position (the crate's default, unlike llama-server's):
         // with only the window kept, cutting a cached prefix back could leave positions the next

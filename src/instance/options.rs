@@ -36,6 +36,67 @@ pub struct InstanceOptions {
     /// Default sampling seed; -1 = random per request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
+    /// llama-server's `--flash-attn on|off|auto` (default auto).
+    #[serde(alias = "fa", skip_serializing_if = "Option::is_none")]
+    pub flash_attn: Option<FlashAttn>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttn {
+    On,
+    Off,
+    Auto,
+}
+
+/// llama-server command-line flags (long or short, without dashes) that paddock understands,
+/// and the option each sets. Anything else in `extra` is refused by name, never ignored.
+const LLAMA_SERVER_FLAGS: [(&str, &str); 17] = [
+    ("ctx-size", "context_size"),
+    ("c", "context_size"),
+    ("threads", "threads"),
+    ("t", "threads"),
+    ("threads-batch", "threads_batch"),
+    ("tb", "threads_batch"),
+    ("n-gpu-layers", "gpu_layers"),
+    ("ngl", "gpu_layers"),
+    ("gpu-layers", "gpu_layers"),
+    ("parallel", "parallel"),
+    ("np", "parallel"),
+    ("batch-size", "batch_size"),
+    ("b", "batch_size"),
+    ("seed", "seed"),
+    ("s", "seed"),
+    ("flash-attn", "flash_attn"),
+    ("fa", "flash_attn"),
+];
+
+/// Folds `extra` (llama-server flags by their names, e.g. `{"ctx-size": 4096, "fa": "on"}`) into
+/// the typed options object `options`, before it is parsed. A flag paddock does not support, or
+/// one that repeats an option given by its own name, is an error naming it.
+pub fn fold_extra(
+    options: &mut serde_json::Map<String, serde_json::Value>,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Result<(), String> {
+    for (flag, value) in extra {
+        let bare = flag.trim_start_matches('-');
+        let Some((_, option)) = LLAMA_SERVER_FLAGS.iter().find(|(f, _)| *f == bare).or_else(|| {
+            LLAMA_SERVER_FLAGS.iter().find(|(_, o)| *o == bare.replace('-', "_"))
+            // e.g. "flash_attn"
+        }) else {
+            return Err(format!("the llama-server flag `{flag}` is not supported by paddock"));
+        };
+        if options.contains_key(*option) {
+            return Err(format!("`{flag}` in extra repeats the option `{option}`"));
+        }
+        let value = match (*option, value) {
+            // llama-server's -fa also takes booleans in config files.
+            ("flash_attn", serde_json::Value::Bool(b)) => serde_json::Value::from(if b { "on" } else { "off" }),
+            (_, v) => v,
+        };
+        options.insert((*option).to_string(), value);
+    }
+    Ok(())
 }
 
 pub const DEFAULT_PARALLEL: u32 = 4;
@@ -84,7 +145,7 @@ impl InstanceOptions {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(context_size, threads, threads_batch, gpu_layers, parallel, batch_size, queue_size, seed);
+        take!(context_size, threads, threads_batch, gpu_layers, parallel, batch_size, queue_size, seed, flash_attn);
     }
 
     pub fn engine_config(
@@ -109,6 +170,11 @@ impl InstanceOptions {
             n_batch: self.batch_size.unwrap_or(DEFAULT_BATCH),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE),
             seed: self.seed.filter(|&s| s >= 0).map(|s| s as u32),
+            flash_attn: match self.flash_attn.unwrap_or(FlashAttn::Auto) {
+                FlashAttn::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            },
             logs,
             cancel_load,
         }
@@ -140,6 +206,26 @@ mod tests {
         let o = InstanceOptions { context_size: Some(64), parallel: Some(8), ..Default::default() };
         assert!(o.validate().unwrap_err().contains("8 tokens per slot"));
         assert!(InstanceOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn llama_server_flags_in_extra_fold_into_options() {
+        let mut options = serde_json::Map::new();
+        options.insert("threads".into(), 2.into());
+        let extra = serde_json::json!({ "ctx-size": 4096, "-fa": true, "np": 2 }).as_object().unwrap().clone();
+        fold_extra(&mut options, extra).unwrap();
+        let o: InstanceOptions = serde_json::from_value(serde_json::Value::Object(options.clone())).unwrap();
+        assert_eq!(
+            (o.context_size, o.parallel, o.threads, o.flash_attn),
+            (Some(4096), Some(2), Some(2), Some(FlashAttn::On))
+        );
+        let unknown = serde_json::json!({ "mlock": true }).as_object().unwrap().clone();
+        assert_eq!(
+            fold_extra(&mut options, unknown).unwrap_err(),
+            "the llama-server flag `mlock` is not supported by paddock"
+        );
+        let repeat = serde_json::json!({ "t": 4 }).as_object().unwrap().clone();
+        assert!(fold_extra(&mut options, repeat).unwrap_err().contains("repeats the option `threads`"));
     }
 
     #[test]

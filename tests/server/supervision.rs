@@ -83,6 +83,15 @@ async fn llamactl_create_form_update_and_restart() {
     let running = s.wait_status("form2.v1", "running").await;
     assert_eq!(running["model"]["n_ctx"], 512, "the update applied on restart");
 
+    // llama-server flags by their names: supported ones become options, others are refused by name.
+    let (status, body) = s.put("/api/instances/form2.v1", json!({ "extra": { "fa": "off", "ctx-size": 512 } })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["instance"]["options"]["flash_attn"], "off");
+    let (status, body) = s.put("/api/instances/form2.v1", json!({ "extra": { "mlock": true } })).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "INVALID_OPTIONS");
+    assert!(body["details"].as_str().unwrap().contains("`mlock`"), "{body}");
+
     let (status, body) = s.put("/api/instances/form2.v1", json!({ "options": { "parallel": 0 } })).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["code"], "INVALID_OPTIONS");
