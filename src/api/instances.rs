@@ -125,6 +125,15 @@ fn take_string(map: &mut Map<String, Value>, key: &str) -> Result<Option<String>
     take(map, key)
 }
 
+/// Parses a body sent to `/instances/{name}`; a `name` in it must be that name.
+fn parse_for(value: Value, name: &str, mismatch: &str) -> Result<Body, ApiError> {
+    let body = parse_body(value)?;
+    if body.name.as_deref().is_some_and(|n| n != name) {
+        return Err(invalid(mismatch));
+    }
+    Ok(body)
+}
+
 async fn create(State(state): State<AppState>, Json(value): Json<Value>) -> Result<impl IntoResponse, ApiError> {
     let body = parse_body(value)?;
     let name = body.name.clone().ok_or_else(|| invalid("missing field `name`"))?;
@@ -136,10 +145,7 @@ async fn create_named(
     Path(name): Path<String>,
     Json(value): Json<Value>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = parse_body(value)?;
-    if body.name.as_ref().is_some_and(|n| *n != name) {
-        return Err(invalid("the name in the body differs from the one in the path"));
-    }
+    let body = parse_for(value, &name, "the name in the body differs from the one in the path")?;
     create_from(&state, name, body).await
 }
 
@@ -158,10 +164,7 @@ async fn update(
     Path(name): Path<String>,
     Json(value): Json<Value>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = parse_body(value)?;
-    if body.name.as_ref().is_some_and(|n| *n != name) {
-        return Err(invalid("an instance cannot be renamed"));
-    }
+    let body = parse_for(value, &name, "an instance cannot be renamed")?;
     let patch = SpecPatch { source: body.source, port: body.port, options: body.options, policy: body.policy };
     let (instance, restart_required) = state.registry.update(&name, &patch).await?;
     let message = if restart_required {

@@ -233,14 +233,18 @@ fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiErr
 #[derive(Clone)]
 pub struct Pinned(pub Arc<str>);
 
+fn pin(pinned: Option<Extension<Pinned>>, model: &mut String) {
+    if let Some(Extension(Pinned(name))) = pinned {
+        *model = name.to_string();
+    }
+}
+
 async fn chat_completions(
     State(state): State<AppState>,
     pinned: Option<Extension<Pinned>>,
     OaiJson(mut req): OaiJson<ChatRequest>,
 ) -> OaiResult<Response> {
-    if let Some(Extension(Pinned(name))) = pinned {
-        req.model = name.to_string();
-    }
+    pin(pinned, &mut req.model);
     let serving = lookup(&state, &req.model).await?;
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
@@ -289,9 +293,7 @@ async fn completions(
     pinned: Option<Extension<Pinned>>,
     OaiJson(mut req): OaiJson<CompletionRequest>,
 ) -> OaiResult<Response> {
-    if let Some(Extension(Pinned(name))) = pinned {
-        req.model = name.to_string();
-    }
+    pin(pinned, &mut req.model);
     let serving = lookup(&state, &req.model).await?;
     let (sampling, stop) = req.sampling.validate()?;
     let max_tokens = max_tokens(Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)), "max_tokens")?;
