@@ -52,6 +52,9 @@ struct ServeArgs {
     /// CPU threads of the --model instance [default: physical cores].
     #[arg(long, requires = "model")]
     threads: Option<u32>,
+    /// Serve /v1/embeddings from the --model instance too (llama-server's --embeddings).
+    #[arg(long, requires = "model")]
+    embeddings: bool,
 }
 
 fn long_version() -> &'static str {
@@ -100,6 +103,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             context_size: args.ctx_size,
             parallel: args.parallel,
             threads: args.threads,
+            embeddings: args.embeddings.then_some(true),
             ..Default::default()
         };
         // The instance persists like any other; on a later run with the same --model it is reused.

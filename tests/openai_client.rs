@@ -35,7 +35,7 @@ fn official_openai_client_works_against_serve_model() {
     let _server = Server(
         Command::new(env!("CARGO_BIN_EXE_paddock"))
             .args(["serve", "--port", &port.to_string(), "--model", model.to_str().unwrap(), "--model-name", "gemma"])
-            .args(["--ctx-size", "1024", "--parallel", "2", "--threads", "2"])
+            .args(["--ctx-size", "1024", "--parallel", "2", "--threads", "2", "--embeddings"])
             .env("PADDOCK_DATA_DIR", data.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -58,5 +58,5 @@ fn official_openai_client_works_against_serve_model() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "openai client failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("openai client: 5 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("openai client: 18 passed, 0 failed"), "{stdout}");
 }

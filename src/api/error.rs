@@ -89,7 +89,14 @@ impl OpenAiError {
         if !e.details.is_empty() && !e.status.is_server_error() {
             message = format!("{message}: {}", e.details);
         }
-        json!({ "error": { "message": message, "type": kind, "param": e.param, "code": e.code.to_ascii_lowercase() } })
+        // OpenAI's shape, plus paddock's `code` and `details` at the top level, so every error
+        // has the fields the rest of the API promises.
+        let details = if e.status.is_server_error() { "" } else { e.details.as_str() };
+        json!({
+            "error": { "message": message, "type": kind, "param": e.param, "code": e.code.to_ascii_lowercase() },
+            "code": e.code,
+            "details": details,
+        })
     }
 }
 
@@ -158,6 +165,14 @@ impl From<EngineError> for ApiError {
             Decode(_) | IncompleteGeneration => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "GENERATION_FAILED", "Generation failed")
             }
+            InvalidGrammar(_) => (StatusCode::BAD_REQUEST, "INVALID_GRAMMAR", "The grammar is invalid"),
+            NoSuchSlot { .. } => (StatusCode::BAD_REQUEST, "INVALID_SLOT", "No such slot"),
+            SlotBusy(_) => (StatusCode::CONFLICT, "SLOT_BUSY", "The slot is processing a request"),
+            SlotFile(_) => (StatusCode::BAD_REQUEST, "SLOT_FILE", "The slot state could not be saved or restored"),
+            EmbeddingsDisabled => (StatusCode::BAD_REQUEST, "EMBEDDINGS_DISABLED", "Embeddings are not enabled"),
+            EmbeddingInputTooLong { .. } => {
+                (StatusCode::BAD_REQUEST, "INPUT_TOO_LONG", "An embedding input is too long")
+            }
         };
         ApiError::new(status, code, message).with_details(e.to_string())
     }
@@ -177,15 +192,31 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     }
 }
 
-/// `axum::Json` for `/v1` routes: a bad body becomes an OpenAI error.
+/// JSON body for `/v1` and llama-server routes: a bad body becomes an OpenAI error. Like
+/// llama-server, it does not insist on a JSON `Content-Type` (`curl -d` sends a form type).
 pub struct OaiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OaiJson<T> {
     type Rejection = OpenAiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        axum::Json::<T>::from_request(req, state)
+        let invalid = |status: StatusCode, details: String| {
+            OpenAiError(ApiError::new(status, "INVALID_JSON", "Invalid request body").with_details(details))
+        };
+        let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map(|axum::Json(v)| OaiJson(v))
-            .map_err(|r| OpenAiError(json_rejection(r)))
+            .map_err(|e| invalid(e.status(), e.body_text()))?;
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let status = if e.inner().is_syntax() || e.inner().is_eof() {
+                StatusCode::BAD_REQUEST
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            let path = e.path().to_string();
+            let details = if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) };
+            invalid(status, details)
+        })?;
+        de.end().map_err(|e| invalid(StatusCode::BAD_REQUEST, e.to_string()))?;
+        Ok(OaiJson(value))
     }
 }

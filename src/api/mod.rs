@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`instances`]: instance management (`/api/instances…`, also under `/api/v1`).
-//! - [`openai`]: OpenAI-compatible routes (`/v1/…`).
+//! - [`openai`]: OpenAI-compatible routes (`/v1/…`); [`oai_output`] shapes their responses,
+//!   [`params`] checks the generation fields they share with llama-server's, [`tools`] does
+//!   tool calling.
+//! - [`llama`]: llama-server's routes of one instance (`/api/instances/{name}/proxy/…`,
+//!   `/llama-cpp/{name}/…`, and the instance's own port).
 //! - [`system`]: server information and health.
 //! - [`error`]: the one error → response map, and JSON extractors that use it.
 //!
@@ -11,8 +15,12 @@
 
 pub mod error;
 pub mod instances;
+pub mod llama;
+mod oai_output;
 pub mod openai;
+mod params;
 pub mod system;
+mod tools;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -62,10 +70,17 @@ impl AppState {
 
 pub fn app(state: AppState) -> Router {
     let management = instances::routes().merge(system::routes());
+    // llama-server's routes of one instance, where llamactl proxies them.
+    let proxied = || {
+        llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path))
+    };
     Router::new()
         .nest("/api", management.clone())
         // llamactl's own prefix, so its clients work unchanged.
         .nest("/api/v1", management)
+        .nest("/api/instances/{name}/proxy", proxied())
+        .nest("/api/v1/instances/{name}/proxy", proxied())
+        .nest("/llama-cpp/{name}", proxied())
         .nest("/v1", openai::routes().fallback(openai_not_found))
         .merge(system::root_routes())
         .fallback(not_found)
@@ -109,9 +124,7 @@ async fn serve_instance_ports(state: AppState) {
             continue;
         }
         let Some((listener, mut status)) = state.registry.take_port(&change.name) else { continue };
-        let router = Router::new()
-            .nest("/v1", openai::routes())
-            .merge(system::root_routes())
+        let router = llama::routes()
             .fallback(openai_not_found)
             .layer(axum::Extension(openai::Pinned(change.name.as_str().into())))
             .with_state(state.clone());

@@ -1,31 +1,31 @@
-//! OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
+//! OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`.
 //!
 //! `model` names the instance. Everything that can be refused — unknown model, stopped
 //! instance, bad parameters, a prompt over the context, a full queue — is refused before the
 //! response starts, so it gets a real status; only failures during generation become an error
 //! event inside the stream, followed by `[DONE]`.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::Router;
-use futures::Stream;
-use serde::{Deserialize, Serialize};
+use base64::Engine as _;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, OaiJson, OpenAiError};
+use super::oai_output::{self, Kind, Output};
+use super::params::{GenerationFields, ValidGeneration};
+use super::tools::{self, ToolChoiceIn, ToolIn, ValidTools};
 use super::AppState;
 use crate::engine::chat::ChatMessage;
-use crate::engine::{FinishReason, GenerateRequest, Generation, Prompt, SamplingParams, StreamEvent, Usage};
+use crate::engine::{Engine, GenerateRequest, Generation, Prompt};
 use crate::instance::{InstanceError, Serving};
 
 pub fn routes() -> Router<AppState> {
@@ -33,6 +33,7 @@ pub fn routes() -> Router<AppState> {
         .route("/models", get(models))
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
+        .route("/embeddings", post(embeddings))
 }
 
 type OaiResult<T> = Result<T, OpenAiError>;
@@ -56,106 +57,8 @@ async fn models(State(state): State<AppState>, pinned: Option<Extension<Pinned>>
     axum::Json(json!({ "object": "list", "data": data }))
 }
 
-/// Sampling fields shared by both generation routes (OpenAI's, plus llama-server's extras).
-#[derive(Debug, Default, Deserialize)]
-pub struct SamplingFields {
-    temperature: Option<f32>,
-    top_p: Option<f32>,
-    top_k: Option<i32>,
-    min_p: Option<f32>,
-    repeat_penalty: Option<f32>,
-    repeat_last_n: Option<i32>,
-    presence_penalty: Option<f32>,
-    frequency_penalty: Option<f32>,
-    seed: Option<i64>,
-    stop: Option<StopField>,
-    n: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum StopField {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-const MAX_STOP_STRINGS: usize = 16;
-
-impl SamplingFields {
-    fn validate(&self) -> Result<(SamplingParams, Vec<String>), ApiError> {
-        let d = SamplingParams::default();
-        let bad = |param: &'static str, msg: String| ApiError::bad_request(msg).with_param(param);
-        let check = |param: &'static str, v: Option<f32>, lo: f32, hi: f32, default: f32| -> Result<f32, ApiError> {
-            match v {
-                None => Ok(default),
-                Some(x) if x.is_finite() && x >= lo && x <= hi => Ok(x),
-                Some(x) => Err(bad(param, format!("{param} must be between {lo} and {hi}, got {x}"))),
-            }
-        };
-        let params = SamplingParams {
-            temperature: check("temperature", self.temperature, 0.0, 100.0, d.temperature)?,
-            top_p: check("top_p", self.top_p, 0.0, 1.0, d.top_p)?,
-            min_p: check("min_p", self.min_p, 0.0, 1.0, d.min_p)?,
-            repeat_penalty: check("repeat_penalty", self.repeat_penalty, 0.0, 100.0, d.repeat_penalty)?,
-            presence_penalty: check("presence_penalty", self.presence_penalty, -2.0, 2.0, d.presence_penalty)?,
-            frequency_penalty: check("frequency_penalty", self.frequency_penalty, -2.0, 2.0, d.frequency_penalty)?,
-            top_k: match self.top_k {
-                Some(k) if k < 0 => return Err(bad("top_k", format!("top_k must be 0 (off) or more, got {k}"))),
-                Some(k) => k,
-                None => d.top_k,
-            },
-            repeat_last_n: match self.repeat_last_n {
-                Some(n) if n < 0 => {
-                    return Err(bad("repeat_last_n", format!("repeat_last_n must be 0 or more, got {n}")))
-                }
-                Some(n) => n,
-                None => d.repeat_last_n,
-            },
-            seed: match self.seed {
-                None => None,
-                Some(s) if s < 0 => None, // llama-server: -1 = random
-                Some(s) => {
-                    Some(u32::try_from(s).map_err(|_| bad("seed", format!("seed must fit in 32 bits, got {s}")))?)
-                }
-            },
-        };
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(bad("n", "only n = 1 is supported".into()));
-        }
-        let stop = match &self.stop {
-            None => Vec::new(),
-            Some(StopField::One(s)) => vec![s.clone()],
-            Some(StopField::Many(v)) => v.clone(),
-        };
-        if stop.len() > MAX_STOP_STRINGS {
-            return Err(bad("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
-        }
-        Ok((params, stop))
-    }
-
-    fn include_usage(&self) -> bool {
-        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
-    }
-}
-
-fn max_tokens(value: Option<u32>, param: &'static str) -> Result<Option<u32>, ApiError> {
-    match value {
-        Some(0) => Err(ApiError::bad_request(format!("{param} must be at least 1")).with_param(param)),
-        v => Ok(v),
-    }
-}
-
 /// The instance named by `model`, started first if it is stopped and allows on-demand starts.
-async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
+pub async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
     let timeout = Duration::from_secs(state.config.read().on_demand_start_timeout);
     state.registry.serving_or_start(model, timeout).await.map_err(|e| match e {
         InstanceError::NotFound(_) => {
@@ -166,21 +69,100 @@ async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> {
     })
 }
 
+/// Fields both generation routes share besides sampling.
+#[derive(Debug, Default, Deserialize)]
+struct CommonFields {
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    generation: GenerationFields,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Most choices one request may ask for: each takes a slot.
+const MAX_CHOICES: u32 = 16;
+/// OpenAI's limit on `top_logprobs`.
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+impl CommonFields {
+    fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
+
+    fn n(&self) -> Result<u32, ApiError> {
+        match self.n.unwrap_or(1) {
+            n @ 1..=MAX_CHOICES => Ok(n),
+            n => Err(ApiError::bad_request(format!("n must be between 1 and {MAX_CHOICES}, got {n}")).with_param("n")),
+        }
+    }
+}
+
+fn max_tokens(value: Option<u32>, param: &'static str) -> Result<Option<u32>, ApiError> {
+    match value {
+        Some(0) => Err(ApiError::bad_request(format!("{param} must be at least 1")).with_param(param)),
+        v => Ok(v),
+    }
+}
+
+/// Admits `n` generations of one prompt. Choice i with a fixed seed uses seed + i, so choices
+/// differ but the request stays reproducible. If any is refused, those admitted are dropped
+/// (cancelled) and the refusal is the answer.
+async fn generate_n(engine: &Engine, request: GenerateRequest, n: u32) -> Result<Vec<Generation>, ApiError> {
+    let mut generations = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut r = request.clone();
+        r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i));
+        generations.push(engine.generate(r).await.map_err(ApiError::from)?);
+    }
+    Ok(generations)
+}
+
+fn build_request(valid: ValidGeneration, prompt: Prompt, max_tokens: Option<u32>, n_probs: u32) -> GenerateRequest {
+    let mut request = GenerateRequest::new(prompt, valid.sampling, valid.stop, max_tokens);
+    request.grammar = valid.grammar;
+    request.ignore_eos = valid.ignore_eos;
+    request.n_probs = n_probs;
+    request
+}
+
+async fn respond(generations: Vec<Generation>, output: Output, stream: bool) -> OaiResult<Response> {
+    if stream {
+        Ok(oai_output::stream(generations, output).into_response())
+    } else {
+        Ok(oai_output::complete(generations, output).await?.into_response())
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     model: String,
     messages: Vec<MessageIn>,
     max_tokens: Option<u32>,
     max_completion_tokens: Option<u32>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    tools: Option<Vec<ToolIn>>,
+    tool_choice: Option<ToolChoiceIn>,
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
-    sampling: SamplingFields,
+    common: CommonFields,
 }
 
 #[derive(Debug, Deserialize)]
-struct MessageIn {
+pub struct MessageIn {
     role: String,
     #[serde(default)]
     content: Option<ContentIn>,
+    tool_calls: Option<Vec<Value>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,7 +179,7 @@ struct PartIn {
     text: Option<String>,
 }
 
-fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+pub fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").with_param("messages"));
     }
@@ -223,9 +205,20 @@ fn flatten_messages(messages: Vec<MessageIn>) -> Result<Vec<ChatMessage>, ApiErr
                     text
                 }
             };
-            Ok(ChatMessage { role: m.role, content })
+            let tool_calls = m.tool_calls.map(|calls| Value::Array(calls.into_iter().map(decode_arguments).collect()));
+            Ok(ChatMessage { role: m.role, content, tool_calls, tool_call_id: m.tool_call_id, name: m.name })
         })
         .collect()
+}
+
+/// OpenAI sends a call's arguments as JSON text; templates expect the object.
+fn decode_arguments(mut call: Value) -> Value {
+    if let Some(args) = call.pointer_mut("/function/arguments") {
+        if let Some(obj) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()) {
+            *args = obj;
+        }
+    }
+    call
 }
 
 /// Set on routers served on an instance's own port: requests go to that instance whatever
@@ -246,26 +239,69 @@ async fn chat_completions(
 ) -> OaiResult<Response> {
     pin(pinned, &mut req.model);
     let serving = lookup(&state, &req.model).await?;
-    let (sampling, stop) = req.sampling.validate()?;
+    let n = req.common.n()?;
+    let include_usage = req.common.include_usage();
+    let stream = req.common.stream;
     let max_tokens = max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
-    let messages = flatten_messages(req.messages)?;
-    let rendered = serving.template.render(&messages, true).map_err(|e| {
-        ApiError::bad_request("The chat template could not render these messages").with_details(e.to_string())
-    })?;
+    let top = match (req.logprobs, req.top_logprobs) {
+        (_, Some(t)) if t > MAX_TOP_LOGPROBS => {
+            return Err(ApiError::bad_request(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}"))
+                .with_param("top_logprobs")
+                .into())
+        }
+        (Some(true), t) => Some(t.unwrap_or(0)),
+        (_, Some(_)) => {
+            return Err(ApiError::bad_request("top_logprobs needs logprobs: true").with_param("logprobs").into())
+        }
+        _ => None,
+    };
+    let tools = tools::validate(req.tools, req.tool_choice, req.parallel_tool_calls)
+        .map_err(|e| ApiError::bad_request(e.message.clone()).with_param(e.param))?
+        .map(Arc::new);
+    let mut valid = req.common.generation.validate(&serving.engine).await?;
+    let mut messages = flatten_messages(req.messages)?;
+    let rendered = render_chat(&serving, &mut messages, tools.as_deref())?;
+    if let Some(schema) = tools.as_ref().and_then(|t| t.grammar_schema()) {
+        if valid.grammar.is_some() {
+            return Err(ApiError::bad_request("a forced tool call cannot be combined with response_format or a grammar")
+                .with_param("tool_choice")
+                .into());
+        }
+        valid.grammar = Some(super::params::schema_text_grammar(&schema)?);
+    }
+    let request = build_request(valid, Prompt::Text(rendered), max_tokens, top.map_or(0, |t| t.max(1)));
+    let generations = generate_n(&serving.engine, request, n).await?;
+    let mut output = Output::new(req.model, Kind::Chat);
+    output.logprobs = top;
+    output.tools = tools;
+    output.include_usage = include_usage;
+    respond(generations, output, stream).await
+}
+
+/// Renders the conversation. Tools go to templates that use them; for the others they are
+/// described in a system message (first, or merged into an existing one).
+fn render_chat(serving: &Serving, messages: &mut Vec<ChatMessage>, tools: Option<&ValidTools>) -> Result<String, ApiError> {
+    let template = &serving.template;
+    let tools_json = tools.map(ValidTools::openai_tools_json);
+    // A forced call is grammar-constrained to the generic format, so the model must be told
+    // that format even when its template knows another.
+    let pass_tools = tools.is_some_and(|t| t.grammar_schema().is_none()) && template.mentions_tools();
+    if let (Some(tools), false) = (tools, pass_tools) {
+        let prompt = tools.system_prompt();
+        match messages.first_mut() {
+            Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
+            _ => messages.insert(0, ChatMessage::new("system", prompt)),
+        }
+    }
+    let rendered = template
+        .render_with_tools(messages, true, if pass_tools { tools_json.as_ref() } else { None })
+        .map_err(|e| ApiError::bad_request("The chat template could not render these messages").with_details(e.to_string()))?;
     let info = serving.engine.info();
     // The tokenizer adds BOS itself; a template that writes it too would double it (llama-server strips it the same way).
-    let prompt = match rendered.strip_prefix(info.bos_token.as_str()) {
+    Ok(match rendered.strip_prefix(info.bos_token.as_str()) {
         Some(rest) if info.add_bos && !info.bos_token.is_empty() => rest.to_string(),
         _ => rendered,
-    };
-    let request = GenerateRequest { prompt: Prompt::Text(prompt), sampling, stop, max_tokens };
-    let generation = serving.engine.generate(request).await.map_err(ApiError::from)?;
-    let meta = ResponseMeta::new("chatcmpl", req.model, Kind::Chat);
-    if req.sampling.stream {
-        Ok(sse(generation, meta, req.sampling.include_usage()).into_response())
-    } else {
-        Ok(complete(generation, meta).await?.into_response())
-    }
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -273,20 +309,38 @@ pub struct CompletionRequest {
     model: String,
     prompt: PromptIn,
     max_tokens: Option<u32>,
+    /// OpenAI's legacy completions: how many top log-probabilities per token.
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    suffix: Option<String>,
     #[serde(flatten)]
-    sampling: SamplingFields,
+    common: CommonFields,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum PromptIn {
+pub enum PromptIn {
     Text(String),
     Tokens(Vec<i32>),
     Texts(Vec<String>),
 }
 
+impl PromptIn {
+    /// One prompt: a list of several is refused rather than silently cut to its first.
+    pub fn single(self) -> Result<Prompt, ApiError> {
+        match self {
+            PromptIn::Text(t) => Ok(Prompt::Text(t)),
+            PromptIn::Tokens(t) => Ok(Prompt::Tokens(t)),
+            PromptIn::Texts(mut v) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
+            PromptIn::Texts(_) => Err(ApiError::bad_request("only one prompt per request is supported").with_param("prompt")),
+        }
+    }
+}
+
 /// OpenAI's default for `/v1/completions`.
 const DEFAULT_COMPLETION_TOKENS: u32 = 16;
+/// OpenAI's limit on completions' `logprobs`.
+const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 async fn completions(
     State(state): State<AppState>,
@@ -295,201 +349,132 @@ async fn completions(
 ) -> OaiResult<Response> {
     pin(pinned, &mut req.model);
     let serving = lookup(&state, &req.model).await?;
-    let (sampling, stop) = req.sampling.validate()?;
+    if req.echo == Some(true) {
+        return Err(ApiError::bad_request("echo is not supported").with_param("echo").into());
+    }
+    if req.suffix.is_some() {
+        return Err(ApiError::bad_request("suffix is not supported here; use the instance's /infill route")
+            .with_param("suffix")
+            .into());
+    }
+    if req.logprobs.is_some_and(|l| l > MAX_COMPLETION_LOGPROBS) {
+        return Err(ApiError::bad_request(format!("logprobs must be at most {MAX_COMPLETION_LOGPROBS}"))
+            .with_param("logprobs")
+            .into());
+    }
+    let n = req.common.n()?;
+    let include_usage = req.common.include_usage();
+    let stream = req.common.stream;
     let max_tokens = max_tokens(Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)), "max_tokens")?;
-    let prompt = match req.prompt {
-        PromptIn::Text(t) => Prompt::Text(t),
-        PromptIn::Tokens(t) => Prompt::Tokens(t),
-        PromptIn::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
-        PromptIn::Texts(_) => {
-            return Err(ApiError::bad_request("only one prompt per request is supported").with_param("prompt").into())
+    let prompt = req.prompt.single()?;
+    let valid = req.common.generation.validate(&serving.engine).await?;
+    let request = build_request(valid, prompt, max_tokens, req.logprobs.map_or(0, |l| l.max(1)));
+    let generations = generate_n(&serving.engine, request, n).await?;
+    let mut output = Output::new(req.model, Kind::Completion);
+    output.logprobs = req.logprobs;
+    output.include_usage = include_usage;
+    respond(generations, output, stream).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingRequest {
+    model: String,
+    input: PromptsIn,
+    encoding_format: Option<String>,
+    /// Accepted for compatibility; vectors always have the model's size.
+    dimensions: Option<u32>,
+    user: Option<String>,
+}
+
+/// One input or several; each a text or a list of token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptsIn {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<i32>),
+    TokenLists(Vec<Vec<i32>>),
+}
+
+/// Most inputs in one embedding request (OpenAI's limit).
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+impl PromptsIn {
+    pub fn into_prompts(self) -> Result<Vec<Prompt>, ApiError> {
+        let prompts: Vec<Prompt> = match self {
+            PromptsIn::Text(t) => vec![Prompt::Text(t)],
+            PromptsIn::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptsIn::Tokens(t) => vec![Prompt::Tokens(t)],
+            PromptsIn::TokenLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+        };
+        if prompts.is_empty() || prompts.len() > MAX_EMBEDDING_INPUTS {
+            return Err(ApiError::bad_request(format!(
+                "input must hold between 1 and {MAX_EMBEDDING_INPUTS} items, got {}",
+                prompts.len()
+            ))
+            .with_param("input"));
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            let empty = match p {
+                Prompt::Text(t) => t.is_empty(),
+                Prompt::Tokens(t) => t.is_empty(),
+            };
+            if empty {
+                return Err(ApiError::bad_request(format!("input {i} is empty")).with_param("input"));
+            }
+        }
+        Ok(prompts)
+    }
+}
+
+/// L2-normalized, as OpenAI's and llama-server's embeddings are.
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+async fn embeddings(
+    State(state): State<AppState>,
+    pinned: Option<Extension<Pinned>>,
+    OaiJson(mut req): OaiJson<EmbeddingRequest>,
+) -> OaiResult<Response> {
+    pin(pinned, &mut req.model);
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("encoding_format must be float or base64, got '{other}'"))
+                .with_param("encoding_format")
+                .into())
         }
     };
-    let generation = serving
-        .engine
-        .generate(GenerateRequest { prompt, sampling, stop, max_tokens })
-        .await
-        .map_err(ApiError::from)?;
-    let meta = ResponseMeta::new("cmpl", req.model, Kind::Completion);
-    if req.sampling.stream {
-        Ok(sse(generation, meta, req.sampling.include_usage()).into_response())
-    } else {
-        Ok(complete(generation, meta).await?.into_response())
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Chat,
-    Completion,
-}
-
-struct ResponseMeta {
-    id: String,
-    model: String,
-    created: u64,
-    kind: Kind,
-}
-
-impl ResponseMeta {
-    fn new(prefix: &str, model: String, kind: Kind) -> Self {
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        ResponseMeta { id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()), model, created, kind }
-    }
-
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.kind, chunk) {
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-            (Kind::Completion, _) => "text_completion",
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct UsageOut {
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    total_tokens: u32,
-    prompt_tokens_details: CachedOut,
-}
-
-#[derive(Serialize)]
-struct CachedOut {
-    cached_tokens: u32,
-}
-
-fn usage_out(u: &Usage) -> UsageOut {
-    UsageOut {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        total_tokens: u.prompt_tokens + u.completion_tokens,
-        prompt_tokens_details: CachedOut { cached_tokens: u.cached_tokens },
-    }
-}
-
-/// llama-server's `timings` object, which benchmark tools read.
-fn timings(u: &Usage) -> Value {
-    let per_s = |n: u32, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
-    let prompt_n = u.prompt_tokens - u.cached_tokens;
-    json!({
-        "cache_n": u.cached_tokens,
-        "prompt_n": prompt_n,
-        "prompt_ms": u.prompt_ms,
-        "prompt_per_second": per_s(prompt_n, u.prompt_ms),
-        "predicted_n": u.completion_tokens,
-        "predicted_ms": u.generation_ms,
-        "predicted_per_second": per_s(u.completion_tokens.saturating_sub(1), u.generation_ms),
-    })
-}
-
-fn choice(kind: Kind, text: &str, finish: Option<FinishReason>, chunk: bool, first: bool) -> Value {
-    match (kind, chunk) {
-        (Kind::Chat, false) => json!({
-            "index": 0, "message": { "role": "assistant", "content": text }, "logprobs": null, "finish_reason": finish,
-        }),
-        (Kind::Chat, true) => {
-            let delta = match (first, finish.is_some() && text.is_empty()) {
-                (true, _) => json!({ "role": "assistant", "content": text }),
-                (false, true) => json!({}),
-                (false, false) => json!({ "content": text }),
+    let _ = (req.dimensions, req.user);
+    let serving = lookup(&state, &req.model).await?;
+    let inputs = req.input.into_prompts()?;
+    let result = serving.engine.embed(inputs).await.map_err(ApiError::from)?;
+    let data: Vec<Value> = result
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut v)| {
+            normalize(&mut v);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
             };
-            json!({ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish })
-        }
-        (Kind::Completion, _) => json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish }),
-    }
-}
-
-async fn complete(generation: Generation, meta: ResponseMeta) -> Result<axum::Json<Value>, ApiError> {
-    let (text, finish, usage) = generation.collect().await?;
+            json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
     Ok(axum::Json(json!({
-        "id": meta.id,
-        "object": meta.object(false),
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": crate::build::fingerprint(),
-        "choices": [choice(meta.kind, &text, Some(finish), false, false)],
-        "usage": usage_out(&usage),
-        "timings": timings(&usage),
-    })))
-}
-
-struct StreamState {
-    generation: Option<Generation>,
-    meta: ResponseMeta,
-    include_usage: bool,
-    first: bool,
-    out: VecDeque<Event>,
-}
-
-impl StreamState {
-    fn chunk(&mut self, text: &str, finish: Option<FinishReason>) {
-        let mut body = json!({
-            "id": self.meta.id,
-            "object": self.meta.object(true),
-            "created": self.meta.created,
-            "model": self.meta.model,
-            "system_fingerprint": crate::build::fingerprint(),
-            "choices": [choice(self.meta.kind, text, finish, true, self.first)],
-        });
-        if self.include_usage {
-            body["usage"] = Value::Null;
-        }
-        self.first = false;
-        self.out.push_back(Event::default().data(body.to_string()));
-    }
-
-    fn finish(&mut self, finish: FinishReason, usage: &Usage) {
-        self.chunk("", Some(finish));
-        if self.include_usage {
-            let body = json!({
-                "id": self.meta.id,
-                "object": self.meta.object(true),
-                "created": self.meta.created,
-                "model": self.meta.model,
-                "choices": [],
-                "usage": usage_out(usage),
-                "timings": timings(usage),
-            });
-            self.out.push_back(Event::default().data(body.to_string()));
-        }
-        self.out.push_back(Event::default().data("[DONE]"));
-        self.generation = None;
-    }
-
-    fn fail(&mut self, error: ApiError) {
-        self.out.push_back(Event::default().data(OpenAiError(error).body().to_string()));
-        self.out.push_back(Event::default().data("[DONE]"));
-        self.generation = None;
-    }
-}
-
-/// The SSE response. The stream owns the `Generation`: when the client goes away axum drops
-/// the stream, the generation's channel closes, and the engine frees the slot at its next step.
-fn sse(
-    generation: Generation,
-    meta: ResponseMeta,
-    include_usage: bool,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let state = StreamState { generation: Some(generation), meta, include_usage, first: true, out: VecDeque::new() };
-    let stream = futures::stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(event) = st.out.pop_front() {
-                return Some((Ok(event), st));
-            }
-            let generation = st.generation.as_mut()?;
-            match generation.next().await {
-                Some(Ok(StreamEvent::Token { text, .. })) => {
-                    if !text.is_empty() || st.first {
-                        st.chunk(&text, None);
-                    }
-                }
-                Some(Ok(StreamEvent::Done { finish_reason, usage })) => st.finish(finish_reason, &usage),
-                Some(Ok(StreamEvent::Accepted { .. })) => {}
-                Some(Err(e)) => st.fail(e.into()),
-                None => st.fail(crate::engine::EngineError::IncompleteGeneration.into()),
-            }
-        }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+        "object": "list",
+        "data": data,
+        "model": req.model,
+        "usage": { "prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens },
+    }))
+    .into_response())
 }

@@ -42,10 +42,25 @@ use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
 use minijinja::{context, AutoEscape, Environment, Error, ErrorKind};
 
 /// One message of a conversation, already flattened to text.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, OpenAI-shaped, with each `function.arguments` decoded to an
+    /// object when it is JSON text: templates iterate or `tojson` them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool result's call id and function name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into(), ..Default::default() }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,17 +150,36 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatTemplateError> {
+        self.render_with_tools(messages, add_generation_prompt, None)
+    }
+
+    /// Renders with `tools` (OpenAI's tool list) defined for the template, as transformers and
+    /// llama-server do; without them `tools` is undefined.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String, ChatTemplateError> {
         let render_error = |err: Error| ChatTemplateError::Render(err.to_string());
         let template = self.inner.env.get_template(TEMPLATE_NAME).map_err(render_error)?;
         let messages: Vec<Value> = messages.iter().map(MessageObject::value).collect();
+        let tools = tools.map_or(Value::UNDEFINED, Value::from_serialize);
         template
             .render(context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.inner.bos_token.clone(),
                 eos_token => self.inner.eos_token.clone(),
             })
             .map_err(render_error)
+    }
+
+    /// Whether the template does anything with `tools`; if not, callers describe the tools in
+    /// a system message themselves.
+    pub fn mentions_tools(&self) -> bool {
+        !self.inner.fallback && self.inner.source.contains("tools")
     }
 
     /// The template text in use (the fallback's text when falling back).
@@ -174,13 +208,30 @@ impl fmt::Debug for ChatTemplate {
 struct MessageObject {
     role: Value,
     content: Value,
+    tool_calls: Option<Value>,
+    tool_call_id: Option<Value>,
+    name: Option<Value>,
+    keys: &'static [&'static str],
 }
 
 impl MessageObject {
     fn value(message: &ChatMessage) -> Value {
+        // Only the keys a message has are enumerated, so `'tool_calls' in message` is right.
+        const KEYS: [&[&str]; 4] = [
+            &["role", "content"],
+            &["role", "content", "tool_calls"],
+            &["role", "content", "tool_call_id", "name"],
+            &["role", "content", "tool_calls", "tool_call_id", "name"],
+        ];
+        let calls = message.tool_calls.is_some();
+        let result = message.tool_call_id.is_some() || message.name.is_some();
         Value::from_object(MessageObject {
             role: Value::from(message.role.as_str()),
             content: Value::from(message.content.as_str()),
+            tool_calls: message.tool_calls.as_ref().map(Value::from_serialize),
+            tool_call_id: message.tool_call_id.as_deref().map(Value::from),
+            name: message.name.as_deref().map(Value::from),
+            keys: KEYS[calls as usize + 2 * result as usize],
         })
     }
 }
@@ -190,12 +241,15 @@ impl Object for MessageObject {
         match key.as_str()? {
             "role" => Some(self.role.clone()),
             "content" => Some(self.content.clone()),
+            "tool_calls" => self.tool_calls.clone(),
+            "tool_call_id" => self.tool_call_id.clone(),
+            "name" => self.name.clone(),
             _ => None,
         }
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Str(&["role", "content"])
+        Enumerator::Str(self.keys)
     }
 }
 
@@ -369,7 +423,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.to_owned(), content: content.to_owned() }
+        ChatMessage::new(role, content)
     }
 
     /// The conversation llama.cpp's tests/test-chat-template.cpp renders with every template, so

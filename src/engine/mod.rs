@@ -53,6 +53,8 @@ pub struct EngineConfig {
     /// Default seed of requests that give none; None = random per request.
     pub seed: Option<u32>,
     pub flash_attn: llama_cpp_sys_2::llama_flash_attn_type,
+    /// Serve embeddings too, from a second context created on first use.
+    pub embeddings: bool,
     pub logs: Arc<LogBuffer>,
     /// Set to abandon a load in progress (llama.cpp's progress callback checks it).
     pub cancel_load: Arc<AtomicBool>,
@@ -82,6 +84,19 @@ pub struct ModelInfo {
     /// Whether tokenizing adds BOS (so a template's own leading BOS text must be stripped).
     #[serde(skip)]
     pub add_bos: bool,
+    #[serde(skip)]
+    pub bos_id: i32,
+    /// Fill-in-the-middle tokens (prefix, suffix, middle) when the vocabulary has all three.
+    #[serde(skip)]
+    pub fim: Option<[i32; 3]>,
+    /// Size of an embedding vector.
+    pub n_embd: i32,
+    /// Whether `/v1/embeddings` is served (the instance's `embeddings` option).
+    pub embeddings: bool,
+    /// Largest input an embedding request may have: it must fit one micro-batch, because
+    /// llama.cpp pools each micro-batch on its own.
+    pub n_embd_input: u32,
+    pub model_path: String,
     pub load_ms: u64,
 }
 
@@ -95,13 +110,47 @@ pub enum Prompt {
 }
 
 /// A validated generation request (built by the API layer).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     /// None: until the end of the slot's context or an end-of-generation token.
     pub max_tokens: Option<u32>,
+    /// GBNF the output must follow (root rule `root`); compiled by the engine, which reports a
+    /// grammar llama.cpp cannot parse as [`EngineError::InvalidGrammar`] before any output.
+    pub grammar: Option<String>,
+    /// Report this many most likely tokens (with log-probabilities) for each generated token.
+    pub n_probs: u32,
+    /// Run in this slot (llama-server's `id_slot`); waits for it if it is busy.
+    pub slot: Option<u32>,
+    /// Reuse a cached prefix of the prompt (llama-server's `cache_prompt`, default true).
+    pub cache_prompt: bool,
+    /// Keep generating past end-of-generation tokens (they are banned).
+    pub ignore_eos: bool,
+}
+
+impl Default for Prompt {
+    fn default() -> Self {
+        Prompt::Text(String::new())
+    }
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: Prompt, sampling: SamplingParams, stop: Vec<String>, max_tokens: Option<u32>) -> Self {
+        GenerateRequest { prompt, sampling, stop, max_tokens, cache_prompt: true, ..Default::default() }
+    }
+}
+
+/// One generated token's probabilities, from the model's raw logits (before sampling).
+#[derive(Debug, Clone)]
+pub struct TokenProbs {
+    /// Log-probability of the token that was chosen.
+    pub logprob: f32,
+    /// The chosen token's bytes (a piece may be part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// The most likely tokens, best first: id, bytes, log-probability.
+    pub top: Vec<(i32, Vec<u8>, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -132,11 +181,66 @@ pub enum StreamEvent {
     Token {
         text: String,
         id: i32,
+        /// Present when the request asked for `n_probs`.
+        probs: Option<Box<TokenProbs>>,
     },
     Done {
         finish_reason: FinishReason,
         usage: Usage,
+        /// The stop string that ended the generation, if one did.
+        stop_word: Option<String>,
+        /// The slot that ran the request.
+        slot: u32,
     },
+}
+
+/// One token of [`Engine::tokenize`]'s answer.
+#[derive(Debug, Clone)]
+pub struct TokenPiece {
+    pub id: i32,
+    pub piece: Vec<u8>,
+}
+
+/// A slot as `GET /slots` shows it.
+#[derive(Debug, Clone)]
+pub struct SlotView {
+    pub id: u32,
+    pub n_ctx: u32,
+    pub is_processing: bool,
+    /// Tokens in the slot's KV cache (prompt and output so far, or what the last request left).
+    pub n_cached: u32,
+    pub n_prompt_tokens: u32,
+    pub n_decoded: u32,
+    /// Tokens still allowed by `max_tokens` (−1: no limit but the context).
+    pub n_remain: i64,
+    /// The running request's prompt, or the cached text of an idle slot.
+    pub prompt: String,
+    pub sampling: Option<SamplingParams>,
+    pub stop: Vec<String>,
+}
+
+/// What to do with a slot's saved state (`POST /slots/{id}?action=…`). Paths were confined to
+/// the instance's slot directory by the caller.
+#[derive(Debug, Clone)]
+pub enum SlotAction {
+    Save(PathBuf),
+    Restore(PathBuf),
+    Erase,
+}
+
+/// Result of a [`SlotAction`]: tokens saved/restored/erased and bytes written or read.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotActionReport {
+    pub n_tokens: u32,
+    pub n_bytes: u64,
+    pub ms: f64,
+}
+
+/// Pooled, unnormalized embeddings, one per input.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: u32,
 }
 
 pub type EventSender = mpsc::UnboundedSender<Result<StreamEvent, EngineError>>;
@@ -163,6 +267,18 @@ pub enum EngineError {
     Decode(String),
     #[error("the engine ended the generation without finishing it")]
     IncompleteGeneration,
+    #[error("llama.cpp could not parse the grammar (its log has the position): {0}")]
+    InvalidGrammar(String),
+    #[error("slot {slot} does not exist; the instance has {n_slots} (0..{n_slots})")]
+    NoSuchSlot { slot: u32, n_slots: u32 },
+    #[error("slot {0} is processing a request")]
+    SlotBusy(u32),
+    #[error("{0}")]
+    SlotFile(String),
+    #[error("this instance does not serve embeddings; set its option \"embeddings\": true (llama-server's --embeddings) and restart it")]
+    EmbeddingsDisabled,
+    #[error("input {index} has {n_tokens} tokens; an embedding input holds at most {max}")]
+    EmbeddingInputTooLong { index: usize, n_tokens: usize, max: u32 },
 }
 
 /// Counters the worker updates and anyone may read. Relaxed atomics: they are statistics.
@@ -182,6 +298,18 @@ pub struct EngineStats {
     /// Milliseconds since the engine started when a request was last accepted or finished:
     /// inference traffic only (health pings do not count), for idle stops and LRU eviction.
     pub last_activity_ms: AtomicU64,
+    /// Sum over finished requests of the time from arrival to first token, and of generation.
+    pub prompt_us_total: AtomicU64,
+    pub generation_us_total: AtomicU64,
+    /// Tokens finished requests generated (the rate's numerator; cancelled ones have no time).
+    pub generated_tokens_timed: AtomicU64,
+    pub prompt_tokens_timed: AtomicU64,
+    /// Sum over decode calls of the sequences in each (average = this / decode calls).
+    pub batch_sequences_total: AtomicU64,
+    /// Tokens held in the KV cache across all slots, after the last step.
+    pub kv_tokens: AtomicU64,
+    /// The engine thread's Linux thread id (0 until known, or where /proc is missing).
+    pub thread_id: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -195,6 +323,34 @@ pub struct StatsSnapshot {
     pub slots_busy: u64,
     pub queued: u64,
     pub last_activity_ms: u64,
+    pub prompt_us_total: u64,
+    pub generation_us_total: u64,
+    pub generated_tokens_timed: u64,
+    pub prompt_tokens_timed: u64,
+    pub batch_sequences_total: u64,
+    pub kv_tokens: u64,
+    #[serde(skip)]
+    pub thread_id: u64,
+}
+
+impl StatsSnapshot {
+    /// Generation speed over finished requests, tokens per second of generation time.
+    pub fn tokens_per_second(&self) -> f64 {
+        rate(self.generated_tokens_timed, self.generation_us_total)
+    }
+
+    /// Prompt processing speed over finished requests.
+    pub fn prompt_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens_timed, self.prompt_us_total)
+    }
+}
+
+fn rate(tokens: u64, us: u64) -> f64 {
+    if us == 0 {
+        0.0
+    } else {
+        tokens as f64 * 1e6 / us as f64
+    }
 }
 
 impl EngineStats {
@@ -210,6 +366,13 @@ impl EngineStats {
             slots_busy: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
+            prompt_us_total: AtomicU64::new(0),
+            generation_us_total: AtomicU64::new(0),
+            generated_tokens_timed: AtomicU64::new(0),
+            prompt_tokens_timed: AtomicU64::new(0),
+            batch_sequences_total: AtomicU64::new(0),
+            kv_tokens: AtomicU64::new(0),
+            thread_id: AtomicU64::new(0),
         }
     }
 
@@ -229,6 +392,13 @@ impl EngineStats {
             slots_busy: r(&self.slots_busy),
             queued: r(&self.queued),
             last_activity_ms: r(&self.last_activity_ms),
+            prompt_us_total: r(&self.prompt_us_total),
+            generation_us_total: r(&self.generation_us_total),
+            generated_tokens_timed: r(&self.generated_tokens_timed),
+            prompt_tokens_timed: r(&self.prompt_tokens_timed),
+            batch_sequences_total: r(&self.batch_sequences_total),
+            kv_tokens: r(&self.kv_tokens),
+            thread_id: r(&self.thread_id),
         }
     }
 }
@@ -241,6 +411,28 @@ pub(crate) enum EngineCommand {
     },
     /// A round trip through the decode loop, for health checks.
     Ping(oneshot::Sender<()>),
+    Tokenize {
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+        reply: oneshot::Sender<Vec<TokenPiece>>,
+    },
+    /// Token ids were checked against the vocabulary by the caller.
+    Detokenize {
+        tokens: Vec<i32>,
+        reply: oneshot::Sender<String>,
+    },
+    Slots(oneshot::Sender<Vec<SlotView>>),
+    Slot {
+        slot: u32,
+        action: SlotAction,
+        reply: oneshot::Sender<Result<SlotActionReport, EngineError>>,
+    },
+    Embed {
+        inputs: Vec<Prompt>,
+        reply: oneshot::Sender<Result<Embeddings, EngineError>>,
+        permit: OwnedSemaphorePermit,
+    },
     Shutdown,
 }
 
@@ -367,13 +559,7 @@ impl Engine {
     /// Admits a request and waits until the worker has validated it (tokenized, within the
     /// context). Errors here happen before any response byte is sent, so they get real statuses.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Generation, EngineError> {
-        let permit = self.permits.clone().try_acquire_owned().map_err(|e| match e {
-            // Closed by a drain: the instance is stopping.
-            tokio::sync::TryAcquireError::Closed => EngineError::Stopped,
-            tokio::sync::TryAcquireError::NoPermits => {
-                EngineError::Overloaded { slots: self.info.n_parallel, queued: self.queue_size }
-            }
-        })?;
+        let permit = self.admit()?;
         self.stats.mark_active();
         let (events, mut rx) = mpsc::unbounded_channel();
         self.tx.send(EngineCommand::Generate { request, events, permit }).map_err(|_| EngineError::Stopped)?;
@@ -403,6 +589,62 @@ impl Engine {
         let drained = tokio::time::timeout(timeout, self.permits.acquire_many(total)).await;
         self.permits.close();
         matches!(drained, Ok(Ok(_)))
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> EngineCommand) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(command(tx)).map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Tokenizes on the engine thread (the vocabulary lives there), between decode steps.
+    pub async fn tokenize(
+        &self,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<TokenPiece>, EngineError> {
+        self.ask(|reply| EngineCommand::Tokenize { text, add_special, parse_special, reply }).await
+    }
+
+    pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
+        let n_vocab = self.info.n_vocab;
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+            return Err(EngineError::InvalidToken { token: bad, n_vocab });
+        }
+        self.ask(|reply| EngineCommand::Detokenize { tokens, reply }).await
+    }
+
+    pub async fn slots(&self) -> Result<Vec<SlotView>, EngineError> {
+        self.ask(EngineCommand::Slots).await
+    }
+
+    pub async fn slot_action(&self, slot: u32, action: SlotAction) -> Result<SlotActionReport, EngineError> {
+        if slot >= self.info.n_parallel {
+            return Err(EngineError::NoSuchSlot { slot, n_slots: self.info.n_parallel });
+        }
+        self.ask(|reply| EngineCommand::Slot { slot, action, reply }).await?
+    }
+
+    /// Embeds each input (pooled, not normalized). Takes an admission permit like a generation,
+    /// so embeddings count against the queue and a drain waits for them.
+    pub async fn embed(&self, inputs: Vec<Prompt>) -> Result<Embeddings, EngineError> {
+        if !self.info.embeddings {
+            return Err(EngineError::EmbeddingsDisabled);
+        }
+        let permit = self.admit()?;
+        self.stats.mark_active();
+        self.ask(|reply| EngineCommand::Embed { inputs, reply, permit }).await?
+    }
+
+    fn admit(&self) -> Result<OwnedSemaphorePermit, EngineError> {
+        self.permits.clone().try_acquire_owned().map_err(|e| match e {
+            // Closed by a drain: the instance is stopping.
+            tokio::sync::TryAcquireError::Closed => EngineError::Stopped,
+            tokio::sync::TryAcquireError::NoPermits => {
+                EngineError::Overloaded { slots: self.info.n_parallel, queued: self.queue_size }
+            }
+        })
     }
 
     /// A round trip through the engine's loop; false if it did not answer within `timeout`.
@@ -435,7 +677,7 @@ impl Generation {
         while let Some(event) = self.next().await {
             match event? {
                 StreamEvent::Token { text: t, .. } => text.push_str(&t),
-                StreamEvent::Done { finish_reason, usage } => return Ok((text, finish_reason, usage)),
+                StreamEvent::Done { finish_reason, usage, .. } => return Ok((text, finish_reason, usage)),
                 StreamEvent::Accepted { .. } => {}
             }
         }

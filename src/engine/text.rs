@@ -76,12 +76,14 @@ pub enum StopOutcome {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// Index in `stops` of the string that matched.
+    matched: Option<usize>,
 }
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { stops, held: String::new() }
+        Self { stops, held: String::new(), matched: None }
     }
 
     /// Feeds newly decoded `text`; appends what may be sent to `out`.
@@ -94,8 +96,10 @@ impl StopMatcher {
             return StopOutcome::Continue;
         }
         self.held.push_str(text);
-        let first_match = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
-        if let Some(at) = first_match {
+        let first_match =
+            self.stops.iter().enumerate().filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, i))).min();
+        if let Some((at, i)) = first_match {
+            self.matched = Some(i);
             out.push_str(&self.held[..at]);
             self.held.clear();
             return StopOutcome::Stopped;
@@ -105,6 +109,11 @@ impl StopMatcher {
         out.push_str(&self.held[..release]);
         self.held.drain(..release);
         StopOutcome::Continue
+    }
+
+    /// The stop string that ended the generation, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.map(|i| self.stops[i].as_str())
     }
 
     /// Releases held text at the end of a generation that did not stop on a stop string.

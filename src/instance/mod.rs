@@ -139,8 +139,26 @@ pub struct InstanceStats {
     pub memory_usage: u64,
     /// Seconds since the engine became ready.
     pub uptime: u64,
+    /// CPU time of the engine thread, in milliseconds (None where /proc is missing). llama.cpp's
+    /// worker threads (OpenMP's) are not attributed to an instance and are not counted.
+    pub cpu_time_ms: Option<u64>,
+    /// The engine thread's CPU use since it started, in percent of one core.
+    pub cpu_usage: Option<f64>,
+    /// Generation speed of finished requests, tokens per second of generation time.
+    pub tokens_per_second: f64,
     #[serde(flatten)]
     pub engine: StatsSnapshot,
+}
+
+/// CPU time a thread of this process has used, from the kernel's scheduler statistics
+/// (`/proc/self/task/<tid>/schedstat`: nanoseconds on the CPU first).
+fn thread_cpu_ms(tid: u64) -> Option<u64> {
+    if tid == 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(ns / 1_000_000)
 }
 
 /// A running instance's serving handles, cloned out for a request.
@@ -210,10 +228,18 @@ impl Entry {
             restarts: self.restarts,
             error: self.error.clone(),
             model: self.running.as_ref().map(|r| r.serving.engine.info().clone()),
-            stats: self.running.as_ref().map(|r| InstanceStats {
-                memory_usage: r.serving.engine.info().size_bytes,
-                uptime: r.since.elapsed().as_secs(),
-                engine: r.serving.engine.stats(),
+            stats: self.running.as_ref().map(|r| {
+                let engine = r.serving.engine.stats();
+                let cpu_time_ms = thread_cpu_ms(engine.thread_id);
+                let wall_ms = r.since.elapsed().as_millis().max(1) as f64;
+                InstanceStats {
+                    memory_usage: r.serving.engine.info().size_bytes,
+                    uptime: r.since.elapsed().as_secs(),
+                    cpu_time_ms,
+                    cpu_usage: cpu_time_ms.map(|ms| (ms as f64 * 100.0 / wall_ms).min(100.0)),
+                    tokens_per_second: engine.tokens_per_second(),
+                    engine,
+                }
             }),
         }
     }

@@ -39,6 +39,10 @@ pub struct InstanceOptions {
     /// llama-server's `--flash-attn on|off|auto` (default auto).
     #[serde(alias = "fa", skip_serializing_if = "Option::is_none")]
     pub flash_attn: Option<FlashAttn>,
+    /// Serve `/v1/embeddings` too (llama-server's `--embeddings`). Unlike llama-server, the
+    /// instance keeps generating: embeddings get their own context, made on first use.
+    #[serde(alias = "embedding", skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,7 +55,7 @@ pub enum FlashAttn {
 
 /// llama-server command-line flags (long or short, without dashes) that paddock understands,
 /// and the option each sets. Anything else in `extra` is refused by name, never ignored.
-const LLAMA_SERVER_FLAGS: [(&str, &str); 17] = [
+const LLAMA_SERVER_FLAGS: [(&str, &str); 19] = [
     ("ctx-size", "context_size"),
     ("c", "context_size"),
     ("threads", "threads"),
@@ -69,6 +73,8 @@ const LLAMA_SERVER_FLAGS: [(&str, &str); 17] = [
     ("s", "seed"),
     ("flash-attn", "flash_attn"),
     ("fa", "flash_attn"),
+    ("embeddings", "embeddings"),
+    ("embedding", "embeddings"),
 ];
 
 /// Folds `extra` (llama-server flags by their names, e.g. `{"ctx-size": 4096, "fa": "on"}`) into
@@ -145,7 +151,18 @@ impl InstanceOptions {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
         }
-        take!(context_size, threads, threads_batch, gpu_layers, parallel, batch_size, queue_size, seed, flash_attn);
+        take!(
+            context_size,
+            threads,
+            threads_batch,
+            gpu_layers,
+            parallel,
+            batch_size,
+            queue_size,
+            seed,
+            flash_attn,
+            embeddings
+        );
     }
 
     pub fn engine_config(
@@ -175,6 +192,7 @@ impl InstanceOptions {
                 FlashAttn::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
                 FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
             },
+            embeddings: self.embeddings.unwrap_or(false),
             logs,
             cancel_load,
         }

@@ -122,7 +122,11 @@ impl TestServer {
         static STARTED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
         STARTED
             .get_or_init(|| async {
-                self.running_instance("gemma", json!({ "context_size": 2048, "parallel": 4, "threads": 2 })).await;
+                self.running_instance(
+                    "gemma",
+                    json!({ "context_size": 2048, "parallel": 4, "threads": 2, "embeddings": true }),
+                )
+                .await;
             })
             .await;
         "gemma"

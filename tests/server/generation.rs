@@ -286,6 +286,11 @@ async fn dropped_stream_frees_the_slot_and_a_full_queue_is_refused() {
     let generated = inst["stats"]["generated_tokens_total"].as_u64().unwrap();
     assert!(generated < 900, "the dropped streams did not run to max_tokens: {generated} tokens generated");
     assert_eq!(inst["stats"]["slots_busy"], 0);
+    // The engine thread's own CPU time is measured (Linux), and finished requests give a speed.
+    assert!(inst["stats"]["cpu_time_ms"].as_u64().unwrap() > 0, "{inst}");
+    let cpu = inst["stats"]["cpu_usage"].as_f64().unwrap();
+    assert!(cpu > 0.0 && cpu <= 100.0, "{inst}");
+    assert!(inst["stats"]["tokens_per_second"].as_f64().unwrap() > 0.0, "{inst}");
 }
 
 /// The second request with the same long prefix decodes only the new part.

@@ -4,5 +4,6 @@
 mod common;
 
 mod generation;
+mod llama_routes;
 mod management;
 mod supervision;

@@ -11,34 +11,30 @@
 //! within `n_batch`, sequence ids within `n_seq_max`, positions within the slot's context,
 //! token ids within the vocabulary, sampling only at indices that requested logits.
 
+mod load;
+mod service;
+
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
+use super::sampling;
 use super::scheduler::{self, Chunk, SlotCache, SlotDemand};
 use super::text::{StopMatcher, StopOutcome, Utf8Assembler};
 use super::{
     EngineCommand, EngineConfig, EngineError, EngineStats, EventSender, FinishReason, GenerateRequest, ModelInfo,
-    Prompt, StreamEvent, Usage,
+    Prompt, StreamEvent, TokenProbs, Usage,
 };
-
-/// Default context per slot when the instance gives no context size.
-const DEFAULT_CTX_PER_SLOT: u32 = 4096;
-/// Below this a slot cannot hold a useful conversation; refuse the configuration.
-const MIN_CTX_PER_SLOT: u32 = 16;
-/// llama.cpp's limit on sequences in one context.
-const MAX_SEQUENCES: u32 = 256;
+use load::{load, model_info, new_context};
+use service::EmbedJob;
 /// One KV pool shared by the slots, as llama-server's default (`-np` auto) uses. Measured here
 /// (4 streams, Gemma 3 270M, 2 threads): a 4-token decode step takes ~52 ms unified against ~80 ms
 /// with one stream per slot, which is what llama-batched-bench's ceiling allows. The price: every
@@ -52,6 +48,8 @@ const KV_UNIFIED: bool = true;
 struct Job {
     tokens: Vec<LlamaToken>,
     request: GenerateRequest,
+    /// The request's grammar, compiled when it was validated.
+    grammar: Option<LlamaSampler>,
     events: EventSender,
     /// Held until the request ends: it is what bounds the queue.
     _permit: OwnedSemaphorePermit,
@@ -62,6 +60,7 @@ struct Job {
 struct Active {
     job: Job,
     sampler: LlamaSampler,
+    grammar: Option<LlamaSampler>,
     /// Sampled, not yet decoded; decoded in the next step to produce the next logits.
     next_token: Option<LlamaToken>,
     /// Index in the current batch whose logits belong to this slot.
@@ -115,7 +114,8 @@ pub(super) fn run(
         load_ms,
         "model loaded"
     );
-    let mut worker = Worker::new(&model, ctx, info.clone(), stats, config.seed);
+    stats.thread_id.store(current_thread_id(), Ordering::Relaxed);
+    let mut worker = Worker::new(&config, &model, ctx, info.clone(), stats);
     if ready.send(Ok(info)).is_err() {
         return Ok(()); // nobody waits for us: the start was abandoned
     }
@@ -123,104 +123,21 @@ pub(super) fn run(
     Ok(())
 }
 
-fn load(config: &EngineConfig) -> Result<(LlamaModel, u64), EngineError> {
-    let backend = super::backend()?;
-    if config.n_parallel == 0 || config.n_parallel > MAX_SEQUENCES {
-        return Err(EngineError::Config(format!(
-            "parallel must be between 1 and {MAX_SEQUENCES}, got {}",
-            config.n_parallel
-        )));
-    }
-    let path = config.model_path.display().to_string();
-    // llama.cpp's loader can crash on some corrupt files: paddock reads the header first.
-    if let Err(e) = crate::models::gguf::validate(&config.model_path) {
-        return Err(EngineError::Load { path, reason: e.to_string() });
-    }
-    let cancel = config.cancel_load.clone();
-    let params = LlamaModelParams::default()
-        .with_n_gpu_layers(config.n_gpu_layers)
-        .with_progress_callback(move |_| !cancel.load(Ordering::Relaxed));
-    let started = Instant::now();
-    let model = LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
-        if config.cancel_load.load(Ordering::Relaxed) {
-            EngineError::LoadCancelled
-        } else {
-            EngineError::Load { path, reason: format!("{e} (see the instance's logs for llama.cpp's reason)") }
-        }
-    })?;
-    // Non-causal (embedding) and encoder-decoder models take other code paths in llama.cpp, some
-    // of which abort on a generation batch (n_ubatch asserts, missing logits). Refuse them here.
-    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
-    let causal = model.meta_val_str(&format!("{arch}.attention.causal")).map_or(true, |v| v != "false");
-    if !causal || arch.starts_with("t5") {
-        return Err(EngineError::Config(format!(
-            "{} is a {arch} model without causal attention (an embedding or encoder model); instances serve causal language models",
-            config.model_path.display()
-        )));
-    }
-    Ok((model, started.elapsed().as_millis() as u64))
-}
-
-fn new_context<'m>(config: &EngineConfig, model: &'m LlamaModel) -> Result<LlamaContext<'m>, EngineError> {
-    let n_train = model.n_ctx_train().max(MIN_CTX_PER_SLOT);
-    let n_ctx = config.n_ctx.unwrap_or_else(|| (DEFAULT_CTX_PER_SLOT * config.n_parallel).min(n_train));
-    if n_ctx / config.n_parallel < MIN_CTX_PER_SLOT {
-        return Err(EngineError::Config(format!(
-            "context_size {n_ctx} leaves {} tokens per slot for {} slots; give at least {} per slot",
-            n_ctx / config.n_parallel,
-            config.n_parallel,
-            MIN_CTX_PER_SLOT
-        )));
-    }
-    if config.n_batch < config.n_parallel {
-        return Err(EngineError::Config(format!(
-            "batch_size {} is smaller than parallel {}: every generating slot needs a place in each batch",
-            config.n_batch, config.n_parallel
-        )));
-    }
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(config.n_batch)
-        .with_n_ubatch(config.n_batch.min(512))
-        .with_n_seq_max(config.n_parallel)
-        .with_n_threads(config.n_threads)
-        .with_n_threads_batch(config.n_threads_batch)
-        .with_flash_attention_policy(config.flash_attn)
-        .with_kv_unified(KV_UNIFIED)
-        // Sliding-window layers keep every position (the crate's default, unlike llama-server's):
-        // with only the window kept, cutting a cached prefix back could leave positions the next
-        // token attends to missing from those layers, and prefix reuse would have to detect it.
-        .with_swa_full(true);
-    let backend = super::backend()?;
-    model.new_context(backend, params).map_err(|e| EngineError::Config(format!("cannot create context: {e}")))
-}
-
-fn model_info(config: &EngineConfig, model: &LlamaModel, ctx: &LlamaContext<'_>, load_ms: u64) -> ModelInfo {
-    let vocab = model.vocab();
-    let piece = |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
-    let n_ctx = ctx.n_ctx();
-    ModelInfo {
-        n_ctx,
-        n_ctx_slot: n_ctx / config.n_parallel,
-        n_ctx_train: model.n_ctx_train(),
-        n_parallel: config.n_parallel,
-        n_batch: ctx.n_batch(),
-        n_vocab: model.n_vocab(),
-        n_params: model.n_params(),
-        size_bytes: model.size(),
-        architecture: model.meta_val_str("general.architecture").ok(),
-        description: model.meta_val_str("general.name").ok(),
-        chat_template: model.chat_template(None).ok().and_then(|t| t.to_string().ok()),
-        bos_token: piece(vocab.bos()),
-        eos_token: piece(vocab.eos()),
-        add_bos: vocab.should_add_bos(),
-        load_ms,
-    }
+/// This thread's Linux thread id, for reading its CPU time from /proc; 0 where there is none.
+fn current_thread_id() -> u64 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
 }
 
 struct Worker<'m> {
+    config: EngineConfig,
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
+    /// Created on the first embedding request (see [`load::new_embedding_context`]).
+    embd_ctx: Option<LlamaContext<'m>>,
+    embed_jobs: VecDeque<EmbedJob>,
     info: ModelInfo,
     stats: Arc<EngineStats>,
     slots: Vec<Slot>,
@@ -228,9 +145,11 @@ struct Worker<'m> {
     batch: LlamaBatch<'static>,
     plan: Vec<Chunk>,
     demands: Vec<(usize, SlotDemand)>,
-    default_seed: Option<u32>,
+    /// End-of-generation tokens, found on the first `ignore_eos` request.
+    eog_tokens: Option<Vec<i32>>,
     /// Scratch buffers reused every token.
     piece: Vec<u8>,
+    ranked: Vec<(f32, i32)>,
     decoded: String,
     text: String,
     clock: u64,
@@ -239,27 +158,31 @@ struct Worker<'m> {
 
 impl<'m> Worker<'m> {
     fn new(
+        config: &EngineConfig,
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
         info: ModelInfo,
         stats: Arc<EngineStats>,
-        default_seed: Option<u32>,
     ) -> Self {
         let slots = (0..info.n_parallel)
             .map(|i| Slot { seq: i as i32, cached: Vec::new(), last_used: 0, active: None })
             .collect();
         Worker {
+            config: config.clone(),
             model,
             batch: LlamaBatch::new(info.n_batch as usize, 1),
             ctx,
+            embd_ctx: None,
+            embed_jobs: VecDeque::new(),
             info,
             stats,
             slots,
             queue: VecDeque::new(),
             plan: Vec::new(),
             demands: Vec::new(),
-            default_seed,
+            eog_tokens: None,
             piece: Vec::with_capacity(64),
+            ranked: Vec::new(),
             decoded: String::with_capacity(64),
             text: String::with_capacity(64),
             clock: 0,
@@ -282,6 +205,11 @@ impl<'m> Worker<'m> {
                 break;
             }
             self.drop_cancelled();
+            // One embedding request per loop turn, between decode steps, so neither kind
+            // starves the other.
+            if let Some(job) = self.embed_jobs.pop_front() {
+                self.run_embed_job(job);
+            }
             self.place_waiting();
             self.step();
         }
@@ -289,18 +217,19 @@ impl<'m> Worker<'m> {
     }
 
     fn is_idle(&self) -> bool {
-        self.queue.is_empty() && self.slots.iter().all(|s| s.active.is_none())
+        self.queue.is_empty() && self.embed_jobs.is_empty() && self.slots.iter().all(|s| s.active.is_none())
     }
 
     fn handle(&mut self, cmd: EngineCommand) {
         match cmd {
             EngineCommand::Generate { request, events, permit } => match self.validate(&request) {
-                Ok(tokens) => {
+                Ok((tokens, grammar)) => {
                     let n = tokens.len() as u32;
                     if events.send(Ok(StreamEvent::Accepted { prompt_tokens: n })).is_ok() {
                         self.queue.push_back(Job {
                             tokens,
                             request,
+                            grammar,
                             events,
                             _permit: permit,
                             received: Instant::now(),
@@ -316,12 +245,36 @@ impl<'m> Worker<'m> {
                 let _ = reply.send(());
             }
             EngineCommand::Shutdown => self.shutting_down = true,
+            other => self.serve_query(other),
         }
     }
 
-    /// Tokenizes and checks the request against the vocabulary and the slot's context.
-    fn validate(&self, request: &GenerateRequest) -> Result<Vec<LlamaToken>, EngineError> {
-        let tokens = match &request.prompt {
+    /// Tokenizes and checks the request against the vocabulary and the slot's context, and
+    /// compiles its grammar.
+    fn validate(&self, request: &GenerateRequest) -> Result<(Vec<LlamaToken>, Option<LlamaSampler>), EngineError> {
+        let tokens = self.prompt_tokens(&request.prompt)?;
+        if tokens.len() >= self.info.n_ctx_slot as usize {
+            return Err(EngineError::PromptTooLong { n_prompt: tokens.len(), n_ctx_slot: self.info.n_ctx_slot });
+        }
+        let n_vocab = self.info.n_vocab;
+        if let Some(&(bad, _)) = request.sampling.logit_bias.iter().find(|&&(t, _)| t < 0 || t >= n_vocab) {
+            return Err(EngineError::InvalidToken { token: bad, n_vocab });
+        }
+        let grammar = match &request.grammar {
+            None => None,
+            Some(g) => Some(
+                LlamaSampler::grammar(self.model, g, "root").map_err(|e| EngineError::InvalidGrammar(e.to_string()))?,
+            ),
+        };
+        Ok((tokens, grammar))
+    }
+
+    /// A prompt's tokens: text tokenized with special tokens parsed and BOS as the vocabulary
+    /// wants; ids checked against the vocabulary. Never empty.
+    fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>, EngineError> {
+        let tokens: Vec<LlamaToken> = match prompt {
+            // Checked before tokenizing: BOS alone would make an empty text a one-token prompt.
+            Prompt::Text(text) if text.is_empty() => return Err(EngineError::EmptyPrompt),
             Prompt::Text(text) => self.model.vocab().tokenize(text.as_bytes(), true, true),
             Prompt::Tokens(ids) => {
                 let n_vocab = self.info.n_vocab;
@@ -333,9 +286,6 @@ impl<'m> Worker<'m> {
         };
         if tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
-        }
-        if tokens.len() >= self.info.n_ctx_slot as usize {
-            return Err(EngineError::PromptTooLong { n_prompt: tokens.len(), n_ctx_slot: self.info.n_ctx_slot });
         }
         Ok(tokens)
     }
@@ -351,21 +301,40 @@ impl<'m> Worker<'m> {
     }
 
     /// Moves waiting requests into free slots, FIFO, each into the slot with the best prefix.
+    /// A request pinned to a slot (`id_slot`) waits for that slot without holding up the
+    /// requests behind it; an unpinned one that finds no free slot ends the pass (FIFO).
     fn place_waiting(&mut self) {
-        while !self.queue.is_empty() {
+        let mut i = 0;
+        while i < self.queue.len() {
             let placement = {
-                let prompt = &self.queue[0].tokens;
+                let job = &self.queue[i];
                 let caches: Vec<SlotCache<'_, LlamaToken>> = self
                     .slots
                     .iter()
-                    .map(|s| SlotCache { free: s.active.is_none(), cached: &s.cached, last_used: s.last_used })
+                    .enumerate()
+                    .map(|(k, s)| SlotCache {
+                        free: s.active.is_none() && job.request.slot.is_none_or(|want| want as usize == k),
+                        cached: &s.cached,
+                        last_used: s.last_used,
+                    })
                     .collect();
-                scheduler::pick_slot(prompt, &caches, KV_UNIFIED)
+                scheduler::pick_slot(&job.tokens, &caches, KV_UNIFIED).map(|mut p| {
+                    if !job.request.cache_prompt {
+                        p.n_keep = 0;
+                        p.copy_from = None;
+                    }
+                    p
+                })
             };
-            let Some(p) = placement else { break };
-            let job = self.queue.pop_front().expect("queue is not empty");
-            let n_keep = self.reuse_prefix(p, &job.tokens);
-            self.start(p.slot, job, n_keep);
+            match placement {
+                Some(p) => {
+                    let job = self.queue.remove(i).expect("index is in the queue");
+                    let n_keep = self.reuse_prefix(p, &job.tokens);
+                    self.start(p.slot, job, n_keep);
+                }
+                None if self.queue[i].request.slot.is_some() => i += 1,
+                None => break,
+            }
         }
         self.stats.queued.store(self.queue.len() as u64, Ordering::Relaxed);
     }
@@ -400,15 +369,19 @@ impl<'m> Worker<'m> {
         self.slots[slot].cached.clear();
     }
 
-    fn start(&mut self, slot: usize, job: Job, n_keep: usize) {
-        let p = &job.request.sampling;
-        let seed = p.seed.or(self.default_seed).unwrap_or_else(|| fastrand::u32(..));
-        let mut sampler = p.build_chain(self.info.n_vocab, seed);
-        if p.has_penalties() {
-            // As llama-server does: penalties see the prompt too.
-            let last_n = p.repeat_last_n.max(0) as usize;
-            sampler.accept_many(&job.tokens[job.tokens.len().saturating_sub(last_n)..]);
+    fn start(&mut self, slot: usize, mut job: Job, n_keep: usize) {
+        if job.request.ignore_eos {
+            let eog = self.eog_tokens.get_or_insert_with(|| {
+                let vocab = self.model.vocab();
+                (0..self.info.n_vocab).filter(|&t| vocab.is_eog(LlamaToken(t))).collect()
+            });
+            job.request.sampling.logit_bias.extend(eog.iter().map(|&t| (t, f32::NEG_INFINITY)));
         }
+        let p = &job.request.sampling;
+        let seed = p.seed.or(self.config.seed).unwrap_or_else(|| fastrand::u32(..));
+        let penalties = p.penalties_sampler(self.info.n_vocab, &job.tokens);
+        let sampler = p.build_chain(self.model, seed, penalties);
+        let grammar = job.grammar.take();
         self.clock += 1;
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         self.stats.prompt_tokens_cached_total.fetch_add(n_keep as u64, Ordering::Relaxed);
@@ -417,6 +390,7 @@ impl<'m> Worker<'m> {
         self.slots[slot].active = Some(Active {
             job,
             sampler,
+            grammar,
             next_token: None,
             i_batch: None,
             n_generated: 0,
@@ -465,7 +439,10 @@ impl<'m> Worker<'m> {
         }
         self.stats.decode_calls_total.fetch_add(1, Ordering::Relaxed);
         self.stats.max_batch_sequences.fetch_max(self.plan.len() as u64, Ordering::Relaxed);
+        self.stats.batch_sequences_total.fetch_add(self.plan.len() as u64, Ordering::Relaxed);
         self.commit_batch();
+        let kv: usize = self.slots.iter().map(|s| s.cached.len()).sum();
+        self.stats.kv_tokens.store(kv as u64, Ordering::Relaxed);
         for k in 0..self.plan.len() {
             let chunk = self.plan[k];
             if chunk.logits {
@@ -534,7 +511,14 @@ impl<'m> Worker<'m> {
         let slot = &mut self.slots[slot_idx];
         let a = slot.active.as_mut().expect("sampled slots are active");
         let Some(i_batch) = a.i_batch.take() else { return };
-        let tok = a.sampler.sample(&self.ctx, i_batch);
+        let tok = match a.grammar.as_mut() {
+            None => a.sampler.sample(&self.ctx, i_batch),
+            // No candidate left means the grammar is stuck; ending the generation is all that is left.
+            Some(grammar) => sampling::sample_with_grammar(&self.ctx, i_batch, &mut a.sampler, grammar)
+                .unwrap_or_else(|| self.model.vocab().eos()),
+        };
+        let probs = (a.job.request.n_probs > 0)
+            .then(|| Box::new(token_probs(&self.ctx, i_batch, tok, a.job.request.n_probs, &mut self.ranked, self.model)));
         a.n_generated += 1;
         self.stats.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
 
@@ -569,11 +553,12 @@ impl<'m> Worker<'m> {
         }
         let text = std::mem::take(&mut self.text);
         let Some(finish_reason) = finish else {
-            if a.job.events.send(Ok(StreamEvent::Token { text, id: tok.0 })).is_err() {
+            if a.job.events.send(Ok(StreamEvent::Token { text, id: tok.0, probs })).is_err() {
                 self.release(slot_idx);
             }
             return;
         };
+        let stop_word = a.stop.matched().map(str::to_string);
         let now = Instant::now();
         let prefill_done = a.prefill_done.unwrap_or(now);
         let usage = Usage {
@@ -584,11 +569,16 @@ impl<'m> Worker<'m> {
             generation_ms: (now - prefill_done).as_secs_f64() * 1e3,
         };
         let events = a.job.events.clone();
+        let st = &self.stats;
+        st.prompt_us_total.fetch_add((usage.prompt_ms * 1e3) as u64, Ordering::Relaxed);
+        st.prompt_tokens_timed.fetch_add((usage.prompt_tokens - usage.cached_tokens) as u64, Ordering::Relaxed);
+        st.generation_us_total.fetch_add((usage.generation_ms * 1e3) as u64, Ordering::Relaxed);
+        st.generated_tokens_timed.fetch_add(usage.completion_tokens as u64, Ordering::Relaxed);
         // Free the slot (and the admission permit) before the client can hear that it is done,
         // so a client that follows up at once finds the slot free.
         self.release(slot_idx);
-        let _ = events.send(Ok(StreamEvent::Token { text, id: tok.0 }));
-        let _ = events.send(Ok(StreamEvent::Done { finish_reason, usage }));
+        let _ = events.send(Ok(StreamEvent::Token { text, id: tok.0, probs }));
+        let _ = events.send(Ok(StreamEvent::Done { finish_reason, usage, stop_word, slot: slot_idx as u32 }));
     }
 
     /// A batch failed: its requests end with `error`, and their sequences are cleared because
@@ -614,5 +604,36 @@ impl<'m> Worker<'m> {
             }
             self.release(i);
         }
+    }
+}
+
+/// Log-probabilities from the raw logits at `i_batch` (llama-server's default, and what OpenAI's
+/// `logprobs` report): the chosen token's, and the `n` most likely. `ranked` is scratch space.
+fn token_probs(
+    ctx: &LlamaContext<'_>,
+    i_batch: i32,
+    chosen: LlamaToken,
+    n: u32,
+    ranked: &mut Vec<(f32, i32)>,
+    model: &LlamaModel,
+) -> TokenProbs {
+    // i_batch requested logits (the caller just sampled at it).
+    let logits = ctx.get_logits_ith(i_batch);
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    ranked.clear();
+    ranked.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as i32)));
+    let n = (n as usize).min(ranked.len());
+    let by_logit = |a: &(f32, i32), b: &(f32, i32)| b.0.total_cmp(&a.0);
+    if n < ranked.len() {
+        ranked.select_nth_unstable_by(n, by_logit);
+    }
+    ranked[..n].sort_unstable_by(by_logit);
+    let vocab = model.vocab();
+    let piece = |t: i32| vocab.token_to_piece(LlamaToken(t), false, None);
+    TokenProbs {
+        logprob: logits.get(chosen.0 as usize).map_or(f32::NEG_INFINITY, |&l| l - log_sum),
+        bytes: piece(chosen.0),
+        top: ranked[..n].iter().map(|&(l, t)| (t, piece(t), l - log_sum)).collect(),
     }
 }
