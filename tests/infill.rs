@@ -28,12 +28,14 @@ async fn infill_lays_out_prefix_suffix_and_middle_with_the_models_fim_tokens() {
         )
         .await;
     assert_eq!(status, 201, "{body}");
-    let request = json!({ "input_prefix": "def f(", "input_suffix": "):\n    return x", "n_predict": 3, "temperature": 0 });
+    let request =
+        json!({ "input_prefix": "def f(", "input_suffix": "):\n    return x", "n_predict": 3, "temperature": 0 });
     // On-demand start: the first request loads the instance.
     let (status, body) = server.post("/llama-cpp/fim/infill", request.clone()).await;
     assert_eq!(status, 200, "{body}");
     let prompt = body["prompt"].as_str().unwrap();
-    let expected = format!("{}def f({}):\n    return x{}", pre.as_str().unwrap(), suf.as_str().unwrap(), mid.as_str().unwrap());
+    let expected =
+        format!("{}def f({}):\n    return x{}", pre.as_str().unwrap(), suf.as_str().unwrap(), mid.as_str().unwrap());
     assert!(prompt.ends_with(&expected), "prompt {prompt:?} should end with {expected:?}");
     assert!(body["tokens_predicted"].as_u64().unwrap() >= 1, "{body}");
 

@@ -202,9 +202,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OaiJson<T> {
         let invalid = |status: StatusCode, details: String| {
             OpenAiError(ApiError::new(status, "INVALID_JSON", "Invalid request body").with_details(details))
         };
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| invalid(e.status(), e.body_text()))?;
+        let bytes =
+            axum::body::Bytes::from_request(req, state).await.map_err(|e| invalid(e.status(), e.body_text()))?;
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let status = if e.inner().is_syntax() || e.inner().is_eof() {

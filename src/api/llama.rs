@@ -23,8 +23,8 @@ use super::openai::{self, lookup, normalize, Pinned, PromptIn, PromptsIn};
 use super::params::{settings_json, GenerationFields};
 use super::AppState;
 use crate::engine::{
-    Engine, EngineError, FinishReason, GenerateRequest, Generation, Prompt, SlotAction, SlotView,
-    StreamEvent, TokenProbs, Usage,
+    Engine, EngineError, FinishReason, GenerateRequest, Generation, Prompt, SlotAction, SlotView, StreamEvent,
+    TokenProbs, Usage,
 };
 use crate::instance::{InstanceError, Serving, Status};
 
@@ -61,7 +61,8 @@ async fn health(State(state): State<AppState>, Extension(Pinned(name)): Extensio
         Err(e) => return OpenAiError(e.into()).into_response(),
     };
     let unavailable = |status: &str, message: &str| {
-        let body = json!({ "status": status, "error": { "code": 503, "message": message, "type": "unavailable_error" } });
+        let body =
+            json!({ "status": status, "error": { "code": 503, "message": message, "type": "unavailable_error" } });
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
     };
     match status {
@@ -170,8 +171,9 @@ async fn slot_action(
     let body: SlotBody = if body.iter().all(u8::is_ascii_whitespace) {
         SlotBody::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", "Invalid request body").with_details(e.to_string()))?
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", "Invalid request body").with_details(e.to_string())
+        })?
     };
     let dir = state.config.read().data_dir.join("slots").join(&*name);
     let file = |body: SlotBody| -> Result<(String, std::path::PathBuf), ApiError> {
@@ -218,20 +220,32 @@ async fn metrics(State(state): State<AppState>, Extension(Pinned(name)): Extensi
     let metrics: [(&str, &str, &str, f64); 12] = [
         ("prompt_tokens_total", "counter", "Number of prompt tokens processed.", s.prompt_tokens_total as f64),
         ("prompt_seconds_total", "counter", "Prompt process time.", s.prompt_us_total as f64 / 1e6),
-        ("tokens_predicted_total", "counter", "Number of generation tokens processed.", s.generated_tokens_total as f64),
+        (
+            "tokens_predicted_total",
+            "counter",
+            "Number of generation tokens processed.",
+            s.generated_tokens_total as f64,
+        ),
         ("tokens_predicted_seconds_total", "counter", "Predict process time.", s.generation_us_total as f64 / 1e6),
         ("n_decode_total", "counter", "Total number of llama_decode() calls.", s.decode_calls_total as f64),
         ("n_busy_slots_per_decode", "gauge", "Average number of busy slots per llama_decode() call.", per_decode),
         ("prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.", s.prompt_tokens_per_second()),
         ("predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s.", s.tokens_per_second()),
-        ("kv_cache_usage_ratio", "gauge", "KV-cache usage. 1 means 100 percent usage.", s.kv_tokens as f64 / info.n_ctx as f64),
+        (
+            "kv_cache_usage_ratio",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            s.kv_tokens as f64 / info.n_ctx as f64,
+        ),
         ("kv_cache_tokens", "gauge", "KV-cache tokens.", s.kv_tokens as f64),
         ("requests_processing", "gauge", "Number of requests processing.", s.slots_busy as f64),
         ("requests_deferred", "gauge", "Number of requests deferred.", s.queued as f64),
     ];
     let mut text = String::with_capacity(2048);
     for (metric, kind, help, value) in metrics {
-        text.push_str(&format!("# HELP llamacpp:{metric} {help}\n# TYPE llamacpp:{metric} {kind}\nllamacpp:{metric} {value}\n"));
+        text.push_str(&format!(
+            "# HELP llamacpp:{metric} {help}\n# TYPE llamacpp:{metric} {kind}\nllamacpp:{metric} {value}\n"
+        ));
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
@@ -390,7 +404,10 @@ fn prob_json(p: &TokenProbs) -> Value {
 }
 
 /// llama-server's stream: one object per token, the full response last, no `[DONE]`.
-fn native_stream(generation: Generation, meta: NativeMeta) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+fn native_stream(
+    generation: Generation,
+    meta: NativeMeta,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let state = (Some(generation), meta, 0u32);
     let stream = futures::stream::unfold(state, |(generation, meta, n)| async move {
         let mut generation = generation?;
@@ -543,9 +560,11 @@ async fn embedding(
         2 => true,
         -1 => false,
         other => {
-            return Err(ApiError::bad_request(format!("embd_normalize must be 2 (Euclidean) or -1 (none), got {other}"))
-                .with_param("embd_normalize")
-                .into())
+            return Err(ApiError::bad_request(format!(
+                "embd_normalize must be 2 (Euclidean) or -1 (none), got {other}"
+            ))
+            .with_param("embd_normalize")
+            .into())
         }
     };
     let serving = lookup(&state, &name).await?;
@@ -584,7 +603,10 @@ async fn apply_template(
 }
 
 /// No adapters are loaded into instances yet: the list is honestly empty.
-async fn lora_adapters(State(state): State<AppState>, Extension(Pinned(name)): Extension<Pinned>) -> LlamaResult<Response> {
+async fn lora_adapters(
+    State(state): State<AppState>,
+    Extension(Pinned(name)): Extension<Pinned>,
+) -> LlamaResult<Response> {
     running(&state, &name)?;
     Ok(axum::Json(json!([])).into_response())
 }
@@ -607,8 +629,8 @@ async fn set_lora_adapters(
             "no LoRA adapter with id {} (scale {}): this instance has none",
             first.id, first.scale
         ))
-            .with_param("id")
-            .into());
+        .with_param("id")
+        .into());
     }
     Ok(axum::Json(json!({ "success": true })).into_response())
 }

@@ -71,9 +71,7 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let management = instances::routes().merge(system::routes());
     // llama-server's routes of one instance, where llamactl proxies them.
-    let proxied = || {
-        llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path))
-    };
+    let proxied = || llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path));
     Router::new()
         .nest("/api", management.clone())
         // llamactl's own prefix, so its clients work unchanged.

@@ -233,7 +233,9 @@ struct ChoiceState {
 /// Text that may open a tool call in one of the formats the parser knows.
 fn may_open_call(text: &str) -> bool {
     let t = text.trim_start();
-    ["{", "[", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "```"].iter().any(|p| t.starts_with(p) || p.starts_with(t))
+    ["{", "[", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "```"]
+        .iter()
+        .any(|p| t.starts_with(p) || p.starts_with(t))
 }
 
 struct Streamer {

@@ -263,9 +263,11 @@ async fn chat_completions(
     let rendered = render_chat(&serving, &mut messages, tools.as_deref())?;
     if let Some(schema) = tools.as_ref().and_then(|t| t.grammar_schema()) {
         if valid.grammar.is_some() {
-            return Err(ApiError::bad_request("a forced tool call cannot be combined with response_format or a grammar")
-                .with_param("tool_choice")
-                .into());
+            return Err(ApiError::bad_request(
+                "a forced tool call cannot be combined with response_format or a grammar",
+            )
+            .with_param("tool_choice")
+            .into());
         }
         valid.grammar = Some(super::params::schema_text_grammar(&schema)?);
     }
@@ -280,7 +282,11 @@ async fn chat_completions(
 
 /// Renders the conversation. Tools go to templates that use them; for the others they are
 /// described in a system message (first, or merged into an existing one).
-fn render_chat(serving: &Serving, messages: &mut Vec<ChatMessage>, tools: Option<&ValidTools>) -> Result<String, ApiError> {
+fn render_chat(
+    serving: &Serving,
+    messages: &mut Vec<ChatMessage>,
+    tools: Option<&ValidTools>,
+) -> Result<String, ApiError> {
     let template = &serving.template;
     let tools_json = tools.map(ValidTools::openai_tools_json);
     // A forced call is grammar-constrained to the generic format, so the model must be told
@@ -293,9 +299,10 @@ fn render_chat(serving: &Serving, messages: &mut Vec<ChatMessage>, tools: Option
             _ => messages.insert(0, ChatMessage::new("system", prompt)),
         }
     }
-    let rendered = template
-        .render_with_tools(messages, true, if pass_tools { tools_json.as_ref() } else { None })
-        .map_err(|e| ApiError::bad_request("The chat template could not render these messages").with_details(e.to_string()))?;
+    let rendered =
+        template.render_with_tools(messages, true, if pass_tools { tools_json.as_ref() } else { None }).map_err(
+            |e| ApiError::bad_request("The chat template could not render these messages").with_details(e.to_string()),
+        )?;
     let info = serving.engine.info();
     // The tokenizer adds BOS itself; a template that writes it too would double it (llama-server strips it the same way).
     Ok(match rendered.strip_prefix(info.bos_token.as_str()) {
@@ -332,7 +339,9 @@ impl PromptIn {
             PromptIn::Text(t) => Ok(Prompt::Text(t)),
             PromptIn::Tokens(t) => Ok(Prompt::Tokens(t)),
             PromptIn::Texts(mut v) if v.len() == 1 => Ok(Prompt::Text(v.remove(0))),
-            PromptIn::Texts(_) => Err(ApiError::bad_request("only one prompt per request is supported").with_param("prompt")),
+            PromptIn::Texts(_) => {
+                Err(ApiError::bad_request("only one prompt per request is supported").with_param("prompt"))
+            }
         }
     }
 }

@@ -158,7 +158,9 @@ impl GenerationFields {
             seed: match self.seed {
                 None => None,
                 Some(s) if s < 0 => None, // llama-server: -1 = random
-                Some(s) => Some(u32::try_from(s).map_err(|_| bad("seed", format!("seed must fit in 32 bits, got {s}")))?),
+                Some(s) => {
+                    Some(u32::try_from(s).map_err(|_| bad("seed", format!("seed must fit in 32 bits, got {s}")))?)
+                }
             },
         };
         if let Some(bias) = self.logit_bias {

@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/system/info", get(info))
         .route("/system/status", get(status))
+        .route("/system/alerts", get(alerts))
         .route("/config", get(config).put(update_config))
 }
 
@@ -107,6 +108,7 @@ async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
             "failed": count(Status::Failed),
             "restarting": count(Status::Restarting),
         },
+        "alerts": state.registry.alerts().len(),
         "resources": {
             "cpu_usage": r.cpu_usage,
             "memory_usage": r.memory_used,
@@ -115,6 +117,11 @@ async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
             "disk_usage": r.disk_usage,
         },
     })))
+}
+
+/// Alerts raised since paddock started (the latest 100), oldest first.
+async fn alerts(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(json!({ "alerts": state.registry.alerts() }))
 }
 
 /// The effective configuration (paddock has no secrets in it yet).

@@ -174,9 +174,7 @@ pub struct Usage {
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
     /// Validated and queued (or placed): the prompt fits; streaming may begin.
-    Accepted {
-        prompt_tokens: u32,
-    },
+    Accepted { prompt_tokens: u32 },
     /// Newly complete text (may be empty when a token only started a character or a stop string).
     Token {
         text: String,

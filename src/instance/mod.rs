@@ -245,6 +245,17 @@ impl Entry {
     }
 }
 
+/// Something an operator must act on, e.g. an instance that auto-restart gave up on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Alert {
+    pub time: DateTime<Utc>,
+    pub instance: String,
+    pub message: String,
+}
+
+/// How many alerts are kept.
+const MAX_ALERTS: usize = 100;
+
 /// The handle to all instances. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
@@ -254,6 +265,9 @@ pub struct Registry {
 struct Inner {
     map: Mutex<HashMap<String, Entry>>,
     events: broadcast::Sender<StatusChange>,
+    /// The latest system alerts, newest last (at most [`MAX_ALERTS`]); never locked together
+    /// with `map`.
+    alerts: Mutex<std::collections::VecDeque<Alert>>,
     /// Most instances running (or starting) at once; None = no limit.
     max_running: Mutex<Option<usize>>,
     /// Address instances' own ports bind to (the server's host).
@@ -282,6 +296,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 map: Mutex::new(HashMap::new()),
                 events,
+                alerts: Mutex::new(std::collections::VecDeque::new()),
                 max_running: Mutex::new(None),
                 bind_host: Mutex::new(std::net::IpAddr::from([127, 0, 0, 1])),
                 store,
@@ -402,6 +417,21 @@ impl Registry {
         let e = map.get_mut(name).filter(|e| e.status == Status::Running)?;
         let listener = e.port_listener.take()?;
         Some((listener, e.status_tx.subscribe()))
+    }
+
+    /// Raises an alert: logged at error level and kept for `GET /api/system/alerts`.
+    pub(crate) fn alert(&self, instance: &str, message: String) {
+        tracing::error!(instance, "{message}");
+        let mut alerts = self.inner.alerts.lock();
+        if alerts.len() == MAX_ALERTS {
+            alerts.pop_front();
+        }
+        alerts.push_back(Alert { time: Utc::now(), instance: instance.to_string(), message });
+    }
+
+    /// The kept alerts, oldest first.
+    pub fn alerts(&self) -> Vec<Alert> {
+        self.inner.alerts.lock().iter().cloned().collect()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {

@@ -205,19 +205,25 @@ impl Registry {
     /// Applies `auto_restart` to a failed instance: after `restart_delay`, start it again, up to
     /// `max_restarts` times; then leave it failed and say so.
     fn schedule_restart(&self, name: &str, generation: u64) {
+        let give_up = |reason: String| {
+            self.alert(name, format!("{name} is failed and stays so: {reason}; start it by hand once fixed"));
+        };
         let delay = {
             let mut map = self.inner.map.lock();
             let Some(e) = map.get_mut(name).filter(|e| e.generation == generation && e.status == Status::Failed) else {
                 return;
             };
             let policy = e.spec.policy.clone();
+            let error = e.error.clone().unwrap_or_default();
             if !policy.auto_restart {
-                return;
+                drop(map);
+                return give_up(format!("auto_restart is off ({error})"));
             }
             if e.restarts >= policy.max_restarts {
-                e.logs.push(Level::ERROR, format!("giving up after {} automatic restarts", e.restarts));
-                tracing::error!(instance = name, "giving up after {} automatic restarts", e.restarts);
-                return;
+                let message = format!("giving up after {} automatic restarts", e.restarts);
+                e.logs.push(Level::ERROR, message.clone());
+                drop(map);
+                return give_up(format!("{message} ({error})"));
             }
             e.restarts += 1;
             let _ = apply(e, Event::ScheduleRestart);

@@ -207,6 +207,11 @@ async fn a_start_that_cannot_load_fails_with_its_reason_and_is_retried() {
     assert!(messages.iter().any(|m| m.starts_with("start failed")), "{messages:?}");
     assert!(messages.iter().any(|m| m.starts_with("restart 2 of 2")), "{messages:?}");
     assert!(messages.iter().any(|m| m.contains("giving up after 2")), "{messages:?}");
+    let (_, alerts) = s.get("/api/system/alerts").await;
+    let alert = alerts["alerts"].as_array().unwrap().iter().find(|a| a["instance"] == "vanish");
+    let alert = alert.unwrap_or_else(|| panic!("giving up raises an alert: {alerts}"));
+    assert!(alert["message"].as_str().unwrap().contains("giving up after 2"), "{alert}");
+    assert!(alert["time"].is_string(), "{alert}");
     assert!(
         logs["logs"].as_array().unwrap().iter().all(|l| l["level"] == "warn" || l["level"] == "error"),
         "level=warn keeps warn and above only: {logs}"

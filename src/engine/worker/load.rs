@@ -130,7 +130,6 @@ pub(super) fn model_info(config: &EngineConfig, model: &LlamaModel, ctx: &LlamaC
     }
 }
 
-
 /// The context embeddings are computed in: its own KV (cleared after every batch), every token
 /// an output, pooled per sequence. The model's own pooling when its GGUF names one (embedding
 /// models), else mean pooling (a causal LM used for embeddings, as llama-server does).

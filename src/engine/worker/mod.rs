@@ -517,8 +517,9 @@ impl<'m> Worker<'m> {
             Some(grammar) => sampling::sample_with_grammar(&self.ctx, i_batch, &mut a.sampler, grammar)
                 .unwrap_or_else(|| self.model.vocab().eos()),
         };
-        let probs = (a.job.request.n_probs > 0)
-            .then(|| Box::new(token_probs(&self.ctx, i_batch, tok, a.job.request.n_probs, &mut self.ranked, self.model)));
+        let probs = (a.job.request.n_probs > 0).then(|| {
+            Box::new(token_probs(&self.ctx, i_batch, tok, a.job.request.n_probs, &mut self.ranked, self.model))
+        });
         a.n_generated += 1;
         self.stats.generated_tokens_total.fetch_add(1, Ordering::Relaxed);
 

@@ -12,7 +12,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use super::load::{new_embedding_context, EMBD_SEQUENCES};
 use super::Worker;
 use crate::engine::{
-    EngineCommand, EngineError, Embeddings, Prompt, SlotAction, SlotActionReport, SlotView, TokenPiece,
+    Embeddings, EngineCommand, EngineError, Prompt, SlotAction, SlotActionReport, SlotView, TokenPiece,
 };
 
 /// An admitted embedding request.
