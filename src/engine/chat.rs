@@ -526,6 +526,37 @@ mod tests {
     }
 
     #[test]
+    fn qwen_2_5_renders_tools_calls_and_results_as_transformers_does() {
+        let tools = serde_json::json!([{ "type": "function", "function": { "name": "get_weather", "parameters": {
+            "type": "object", "properties": { "city": { "type": "string" } }, "required": ["city"] } } }]);
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{ "id": "call_1", "type": "function",
+            "function": { "name": "get_weather", "arguments": { "city": "Paris" } } }]));
+        let mut result = ChatMessage::new("tool", "21 degrees");
+        result.tool_call_id = Some("call_1".into());
+        let messages = [msg("user", "Weather in Paris?"), call, result];
+        let template = ChatTemplate::new(Some(QWEN_2_5), "", "<|im_end|>").unwrap();
+        assert!(template.mentions_tools());
+        let out = template.render_with_tools(&messages, true, Some(&tools)).unwrap();
+        let expected = concat!(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n",
+            "You may call one or more functions to assist with the user query.\n\n",
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
+            r#"{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}"#,
+            "\n</tools>\n\nFor each function call, return a json object with function name and arguments within ",
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n",
+            "</tool_call><|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n",
+            r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#,
+            "\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n21 degrees\n</tool_response><|im_end|>\n",
+            "<|im_start|>assistant\n",
+        );
+        assert_eq!(out, expected);
+        // Without tools the same template takes its other branch.
+        let plain = template.render(&messages[..1], true).unwrap();
+        assert!(!plain.contains("<tools>") && plain.starts_with("<|im_start|>system\nYou are Qwen"), "{plain}");
+    }
+
+    #[test]
     fn llama_3_1_family_writes_its_dated_system_header() {
         assert_eq!(
             render(LLAMA_3_3, "<|begin_of_text|>", "<|eot_id|>", &system_and_user(), true),
