@@ -166,6 +166,7 @@ impl From<EngineError> for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "GENERATION_FAILED", "Generation failed")
             }
             InvalidGrammar(_) => (StatusCode::BAD_REQUEST, "INVALID_GRAMMAR", "The grammar is invalid"),
+            InvalidLora(_) => (StatusCode::BAD_REQUEST, "INVALID_LORA", "Invalid LoRA adapter scales"),
             NoSuchSlot { .. } => (StatusCode::BAD_REQUEST, "INVALID_SLOT", "No such slot"),
             SlotBusy(_) => (StatusCode::CONFLICT, "SLOT_BUSY", "The slot is processing a request"),
             SlotFile(_) => (StatusCode::BAD_REQUEST, "SLOT_FILE", "The slot state could not be saved or restored"),

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, OaiJson, OpenAiError};
 use super::oai_output::timings;
 use super::openai::{self, lookup, normalize, Pinned, PromptIn, PromptsIn};
-use super::params::{settings_json, GenerationFields};
+use super::params::{lora_scales, settings_json, GenerationFields, LoraScale};
 use super::AppState;
 use crate::engine::{
     Engine, EngineError, FinishReason, GenerateRequest, Generation, Prompt, SlotAction, SlotView, StreamEvent,
@@ -305,6 +305,7 @@ impl NativeOptions {
         let mut request = GenerateRequest::new(prompt, valid.sampling, valid.stop, max_tokens);
         request.grammar = valid.grammar;
         request.ignore_eos = valid.ignore_eos;
+        request.lora = valid.lora;
         request.n_probs = n_probs;
         request.slot = slot;
         request.cache_prompt = self.cache_prompt.unwrap_or(true);
@@ -602,37 +603,31 @@ async fn apply_template(
     Ok(axum::Json(json!({ "prompt": prompt })).into_response())
 }
 
-/// No adapters are loaded into instances yet: the list is honestly empty.
+fn lora_json(adapters: Vec<crate::engine::LoraSpec>) -> Response {
+    let list: Vec<Value> =
+        adapters.into_iter().enumerate().map(|(id, a)| json!({ "id": id, "path": a.path, "scale": a.scale })).collect();
+    axum::Json(list).into_response()
+}
+
+/// The instance's adapters (its `lora` option) and their current scales.
 async fn lora_adapters(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
 ) -> LlamaResult<Response> {
-    running(&state, &name)?;
-    Ok(axum::Json(json!([])).into_response())
+    let serving = running(&state, &name)?;
+    Ok(lora_json(serving.engine.lora(None).await.map_err(ApiError::from)?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoraScale {
-    id: i64,
-    scale: f32,
-}
-
+/// Sets the instance's scales (ids not given keep theirs); requests admitted from now on use
+/// them. Answers the new list.
 async fn set_lora_adapters(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
     OaiJson(req): OaiJson<Vec<LoraScale>>,
 ) -> LlamaResult<Response> {
-    running(&state, &name)?;
-    if let Some(first) = req.first() {
-        return Err(ApiError::bad_request(format!(
-            "no LoRA adapter with id {} (scale {}): this instance has none",
-            first.id, first.scale
-        ))
-        .with_param("id")
-        .into());
-    }
-    Ok(axum::Json(json!({ "success": true })).into_response())
+    let serving = running(&state, &name)?;
+    let scales = lora_scales(req)?;
+    Ok(lora_json(serving.engine.lora(Some(scales)).await.map_err(ApiError::from)?))
 }
 
 /// Reads the instance name of a proxied path (`…/instances/{name}/proxy/…`, `/llama-cpp/{name}/…`)

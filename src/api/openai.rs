@@ -128,6 +128,7 @@ fn build_request(valid: ValidGeneration, prompt: Prompt, max_tokens: Option<u32>
     let mut request = GenerateRequest::new(prompt, valid.sampling, valid.stop, max_tokens);
     request.grammar = valid.grammar;
     request.ignore_eos = valid.ignore_eos;
+    request.lora = valid.lora;
     request.n_probs = n_probs;
     request
 }

@@ -43,6 +43,29 @@ pub struct GenerationFields {
     /// llama-server also takes `{"type": "json_object", "schema": …}`.
     response_format: Option<ResponseFormat>,
     ignore_eos: Option<bool>,
+    /// llama-server's per-request LoRA scales: `[{"id", "scale"}]`.
+    lora: Option<Vec<LoraScale>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraScale {
+    pub id: i64,
+    pub scale: f32,
+}
+
+/// Checks ids are non-negative and scales finite; the engine checks them against its adapters.
+pub fn lora_scales(scales: Vec<LoraScale>) -> Result<Vec<(u32, f32)>, ApiError> {
+    scales
+        .into_iter()
+        .map(|l| match (u32::try_from(l.id), l.scale.is_finite()) {
+            (Ok(id), true) => Ok((id, l.scale)),
+            _ => Err(bad(
+                "lora",
+                format!("a LoRA entry needs an adapter id ≥ 0 and a finite scale, got id {} scale {}", l.id, l.scale),
+            )),
+        })
+        .collect()
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +122,7 @@ pub struct ValidGeneration {
     pub stop: Vec<String>,
     pub grammar: Option<String>,
     pub ignore_eos: bool,
+    pub lora: Vec<(u32, f32)>,
 }
 
 fn bad(param: &'static str, msg: String) -> ApiError {
@@ -175,7 +199,8 @@ impl GenerationFields {
             return Err(bad("stop", format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len())));
         }
         let grammar = grammar(self.grammar, self.json_schema, self.response_format)?;
-        Ok(ValidGeneration { sampling, stop, grammar, ignore_eos: self.ignore_eos.unwrap_or(false) })
+        let lora = lora_scales(self.lora.unwrap_or_default())?;
+        Ok(ValidGeneration { sampling, stop, grammar, ignore_eos: self.ignore_eos.unwrap_or(false), lora })
     }
 }
 

@@ -55,9 +55,18 @@ pub struct EngineConfig {
     pub flash_attn: llama_cpp_sys_2::llama_flash_attn_type,
     /// Serve embeddings too, from a second context created on first use.
     pub embeddings: bool,
+    /// LoRA adapters loaded with the model, with their default scales (adapter id = index).
+    pub lora: Vec<LoraSpec>,
     pub logs: Arc<LogBuffer>,
     /// Set to abandon a load in progress (llama.cpp's progress callback checks it).
     pub cancel_load: Arc<AtomicBool>,
+}
+
+/// A LoRA adapter (GGUF) and its scale.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub scale: f32,
 }
 
 /// What the engine tells the world once the model is loaded.
@@ -128,6 +137,9 @@ pub struct GenerateRequest {
     pub cache_prompt: bool,
     /// Keep generating past end-of-generation tokens (they are banned).
     pub ignore_eos: bool,
+    /// LoRA scales for this request by adapter id (llama-server's `lora`); adapters not named
+    /// keep the instance's current scale.
+    pub lora: Vec<(u32, f32)>,
 }
 
 impl Default for Prompt {
@@ -275,6 +287,8 @@ pub enum EngineError {
     SlotFile(String),
     #[error("this instance does not serve embeddings; set its option \"embeddings\": true (llama-server's --embeddings) and restart it")]
     EmbeddingsDisabled,
+    #[error("{0}")]
+    InvalidLora(String),
     #[error("input {index} has {n_tokens} tokens; an embedding input holds at most {max}")]
     EmbeddingInputTooLong { index: usize, n_tokens: usize, max: u32 },
 }
@@ -425,6 +439,11 @@ pub(crate) enum EngineCommand {
         slot: u32,
         action: SlotAction,
         reply: oneshot::Sender<Result<SlotActionReport, EngineError>>,
+    },
+    /// The adapters and their scales; with `set`, first changes the instance's scales.
+    Lora {
+        set: Option<Vec<(u32, f32)>>,
+        reply: oneshot::Sender<Result<Vec<LoraSpec>, EngineError>>,
     },
     Embed {
         inputs: Vec<Prompt>,
@@ -611,6 +630,12 @@ impl Engine {
             return Err(EngineError::InvalidToken { token: bad, n_vocab });
         }
         self.ask(|reply| EngineCommand::Detokenize { tokens, reply }).await
+    }
+
+    /// The LoRA adapters with their current scales, after applying `set` if given. New scales
+    /// apply to requests admitted from then on.
+    pub async fn lora(&self, set: Option<Vec<(u32, f32)>>) -> Result<Vec<LoraSpec>, EngineError> {
+        self.ask(|reply| EngineCommand::Lora { set, reply }).await?
     }
 
     pub async fn slots(&self) -> Result<Vec<SlotView>, EngineError> {

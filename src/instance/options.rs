@@ -43,7 +43,26 @@ pub struct InstanceOptions {
     /// instance keeps generating: embeddings get their own context, made on first use.
     #[serde(alias = "embedding", skip_serializing_if = "Option::is_none")]
     pub embeddings: Option<bool>,
+    /// LoRA adapters (GGUF) loaded with the model, by id = position; llama-server's `--lora`
+    /// and `--lora-scaled`. Scales change at run time through `POST …/lora-adapters` or per request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<Vec<LoraOption>>,
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraOption {
+    pub path: PathBuf,
+    #[serde(default = "full_scale")]
+    pub scale: f32,
+}
+
+fn full_scale() -> f32 {
+    1.0
+}
+
+/// Most LoRA adapters one instance loads.
+const MAX_LORA: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,6 +162,22 @@ impl InstanceOptions {
         if self.batch_size.unwrap_or(DEFAULT_BATCH) < parallel {
             return Err(format!("batch_size must be at least parallel ({parallel})"));
         }
+        if let Some(lora) = &self.lora {
+            if lora.len() > MAX_LORA {
+                return Err(format!("at most {MAX_LORA} LoRA adapters, got {}", lora.len()));
+            }
+            for (i, l) in lora.iter().enumerate() {
+                if l.path.as_os_str().is_empty() {
+                    return Err(format!("lora[{i}].path is empty"));
+                }
+                if !l.scale.is_finite() || l.scale.abs() > 100.0 {
+                    return Err(format!("lora[{i}].scale must be between -100 and 100, got {}", l.scale));
+                }
+            }
+            if lora.iter().filter(|l| l.scale != 0.0).count() > 1 {
+                return Err("paddock applies one LoRA adapter at a time: give at most one a non-zero scale".into());
+            }
+        }
         Ok(())
     }
 
@@ -163,6 +198,9 @@ impl InstanceOptions {
             flash_attn,
             embeddings
         );
+        if other.lora.is_some() {
+            self.lora = other.lora.clone();
+        }
     }
 
     pub fn engine_config(
@@ -193,6 +231,9 @@ impl InstanceOptions {
                 FlashAttn::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
             },
             embeddings: self.embeddings.unwrap_or(false),
+            lora: (self.lora.iter().flatten())
+                .map(|l| crate::engine::LoraSpec { path: l.path.clone(), scale: l.scale })
+                .collect(),
             logs,
             cancel_load,
         }

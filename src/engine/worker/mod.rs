@@ -12,6 +12,7 @@
 //! token ids within the vocabulary, sampling only at indices that requested logits.
 
 mod load;
+mod lora;
 mod service;
 
 use std::collections::VecDeque;
@@ -33,7 +34,9 @@ use super::{
     EngineCommand, EngineConfig, EngineError, EngineStats, EventSender, FinishReason, GenerateRequest, ModelInfo,
     Prompt, StreamEvent, TokenProbs, Usage,
 };
+use llama_cpp_2::model::LlamaLoraAdapter;
 use load::{load, model_info, new_context};
+use lora::Scales;
 use service::EmbedJob;
 /// One KV pool shared by the slots, as llama-server's default (`-np` auto) uses. Measured here
 /// (4 streams, Gemma 3 270M, 2 threads): a 4-token decode step takes ~52 ms unified against ~80 ms
@@ -50,6 +53,8 @@ struct Job {
     request: GenerateRequest,
     /// The request's grammar, compiled when it was validated.
     grammar: Option<LlamaSampler>,
+    /// LoRA scales it runs with.
+    lora: Scales,
     events: EventSender,
     /// Held until the request ends: it is what bounds the queue.
     _permit: OwnedSemaphorePermit,
@@ -59,6 +64,7 @@ struct Job {
 /// A request in a slot.
 struct Active {
     job: Job,
+    lora: Scales,
     sampler: LlamaSampler,
     grammar: Option<LlamaSampler>,
     /// Sampled, not yet decoded; decoded in the next step to produce the next logits.
@@ -78,6 +84,8 @@ struct Slot {
     /// Tokens whose KV is in this slot's sequence, in order: the invariant that makes prefix
     /// reuse correct. Extended only after a successful decode.
     cached: Vec<LlamaToken>,
+    /// The LoRA scales `cached` was computed under.
+    cached_lora: Scales,
     last_used: u64,
     active: Option<Active>,
 }
@@ -97,7 +105,15 @@ pub(super) fn run(
             return Err(reason);
         }
     };
-    let (model, load_ms) = loaded;
+    let (mut model, load_ms) = loaded;
+    let adapters = match lora::load_adapters(&config, &mut model) {
+        Ok(a) => a,
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = ready.send(Err(e));
+            return Err(reason);
+        }
+    };
     let ctx = match new_context(&config, &model) {
         Ok(c) => c,
         Err(e) => {
@@ -115,7 +131,7 @@ pub(super) fn run(
         "model loaded"
     );
     stats.thread_id.store(current_thread_id(), Ordering::Relaxed);
-    let mut worker = Worker::new(&config, &model, ctx, info.clone(), stats);
+    let mut worker = Worker::new(&config, &model, ctx, adapters, info.clone(), stats);
     if ready.send(Ok(info)).is_err() {
         return Ok(()); // nobody waits for us: the start was abandoned
     }
@@ -137,6 +153,12 @@ struct Worker<'m> {
     ctx: LlamaContext<'m>,
     /// Created on the first embedding request (see [`load::new_embedding_context`]).
     embd_ctx: Option<LlamaContext<'m>>,
+    adapters: Vec<LlamaLoraAdapter>,
+    /// Scales requests get unless they say otherwise.
+    lora_global: Scales,
+    /// Scales set on the context now, and those of the group served last step.
+    lora_applied: Scales,
+    lora_last: Option<Scales>,
     embed_jobs: VecDeque<EmbedJob>,
     info: ModelInfo,
     stats: Arc<EngineStats>,
@@ -161,11 +183,13 @@ impl<'m> Worker<'m> {
         config: &EngineConfig,
         model: &'m LlamaModel,
         ctx: LlamaContext<'m>,
+        adapters: Vec<LlamaLoraAdapter>,
         info: ModelInfo,
         stats: Arc<EngineStats>,
     ) -> Self {
+        let base: Scales = vec![0.0; adapters.len()].into();
         let slots = (0..info.n_parallel)
-            .map(|i| Slot { seq: i as i32, cached: Vec::new(), last_used: 0, active: None })
+            .map(|i| Slot { seq: i as i32, cached: Vec::new(), cached_lora: base.clone(), last_used: 0, active: None })
             .collect();
         Worker {
             config: config.clone(),
@@ -174,6 +198,10 @@ impl<'m> Worker<'m> {
             ctx,
             embd_ctx: None,
             embed_jobs: VecDeque::new(),
+            lora_global: config.lora.iter().map(|l| l.scale).collect(),
+            lora_applied: base,
+            lora_last: None,
+            adapters,
             info,
             stats,
             slots,
@@ -223,13 +251,14 @@ impl<'m> Worker<'m> {
     fn handle(&mut self, cmd: EngineCommand) {
         match cmd {
             EngineCommand::Generate { request, events, permit } => match self.validate(&request) {
-                Ok((tokens, grammar)) => {
+                Ok((tokens, grammar, lora)) => {
                     let n = tokens.len() as u32;
                     if events.send(Ok(StreamEvent::Accepted { prompt_tokens: n })).is_ok() {
                         self.queue.push_back(Job {
                             tokens,
                             request,
                             grammar,
+                            lora,
                             events,
                             _permit: permit,
                             received: Instant::now(),
@@ -251,7 +280,10 @@ impl<'m> Worker<'m> {
 
     /// Tokenizes and checks the request against the vocabulary and the slot's context, and
     /// compiles its grammar.
-    fn validate(&self, request: &GenerateRequest) -> Result<(Vec<LlamaToken>, Option<LlamaSampler>), EngineError> {
+    fn validate(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<(Vec<LlamaToken>, Option<LlamaSampler>, Scales), EngineError> {
         let tokens = self.prompt_tokens(&request.prompt)?;
         if tokens.len() >= self.info.n_ctx_slot as usize {
             return Err(EngineError::PromptTooLong { n_prompt: tokens.len(), n_ctx_slot: self.info.n_ctx_slot });
@@ -266,7 +298,8 @@ impl<'m> Worker<'m> {
                 LlamaSampler::grammar(self.model, g, "root").map_err(|e| EngineError::InvalidGrammar(e.to_string()))?,
             ),
         };
-        Ok((tokens, grammar))
+        let lora = self.request_scales(&request.lora)?;
+        Ok((tokens, grammar, lora))
     }
 
     /// A prompt's tokens: text tokenized with special tokens parsed and BOS as the vocabulary
@@ -314,7 +347,8 @@ impl<'m> Worker<'m> {
                     .enumerate()
                     .map(|(k, s)| SlotCache {
                         free: s.active.is_none() && job.request.slot.is_none_or(|want| want as usize == k),
-                        cached: &s.cached,
+                        // KV computed under other LoRA scales is no prefix for this request.
+                        cached: if s.cached_lora == job.lora { &s.cached } else { &[] },
                         last_used: s.last_used,
                     })
                     .collect();
@@ -382,6 +416,8 @@ impl<'m> Worker<'m> {
         let penalties = p.penalties_sampler(self.info.n_vocab, &job.tokens);
         let sampler = p.build_chain(self.model, seed, penalties);
         let grammar = job.grammar.take();
+        let lora = job.lora.clone();
+        self.slots[slot].cached_lora = lora.clone();
         self.clock += 1;
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         self.stats.prompt_tokens_cached_total.fetch_add(n_keep as u64, Ordering::Relaxed);
@@ -389,6 +425,7 @@ impl<'m> Worker<'m> {
         let stop = StopMatcher::new(job.request.stop.clone());
         self.slots[slot].active = Some(Active {
             job,
+            lora,
             sampler,
             grammar,
             next_token: None,
@@ -424,6 +461,14 @@ impl<'m> Worker<'m> {
         }
         // Oldest first, so an older prompt finishes prefilling before a newer one starts.
         self.demands.sort_by_key(|&(i, _)| self.slots[i].active.as_ref().map_or(0, |a| a.admitted_order));
+        if !self.adapters.is_empty() {
+            if let Err(e) = self.select_lora_group() {
+                self.plan.clear();
+                self.plan.extend(self.demands.iter().map(|&(slot, _)| Chunk { slot, n_tokens: 0, logits: false }));
+                self.fail_planned(e);
+                return;
+            }
+        }
         scheduler::plan_step(&self.demands, self.info.n_batch as usize, &mut self.plan);
         if self.plan.is_empty() {
             return;

@@ -45,6 +45,9 @@ impl Worker<'_> {
             EngineCommand::Slot { slot, action, reply } => {
                 let _ = reply.send(self.slot_action(slot as usize, action));
             }
+            EngineCommand::Lora { set, reply } => {
+                let _ = reply.send(self.lora_command(set));
+            }
             EngineCommand::Embed { inputs, reply, permit } => {
                 self.embed_jobs.push_back(EmbedJob { inputs, reply, _permit: permit });
             }
