@@ -2,22 +2,15 @@
 //! so tests/fixtures/gguf_variants.py (llama.cpp's gguf-py) derives a copy that names three of
 //! its unused control tokens as FIM prefix/suffix/middle; tensors stay byte-identical.
 
-use std::process::Command;
-
 use serde_json::json;
 
 mod common;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn infill_lays_out_prefix_suffix_and_middle_with_the_models_fim_tokens() {
-    let python = std::env::var_os("PADDOCK_TEST_PYTHON")
-        .expect("PADDOCK_TEST_PYTHON must name a python with gguf and numpy: run the tests through scripts/test");
     let dir = tempfile::tempdir().unwrap();
     let fim_model = dir.path().join("fim.gguf");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf_variants.py");
-    let out = Command::new(python).arg(script).arg("fim").arg(common::model_path()).arg(&fim_model).output().unwrap();
-    assert!(out.status.success(), "gguf_variants.py fim failed: {}", String::from_utf8_lossy(&out.stderr));
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON summary");
+    let summary = common::gguf_variant("fim", &fim_model);
     let (pre, suf, mid) = (&summary["pre_text"], &summary["suf_text"], &summary["mid_text"]);
 
     let server = common::spawn_server(|_| {});

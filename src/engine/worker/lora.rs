@@ -30,10 +30,10 @@ pub(super) fn load_adapters(
         .map(|spec| {
             let path = spec.path.display().to_string();
             crate::models::gguf::validate(&spec.path)
-                .map_err(|e| EngineError::Load { path: path.clone(), reason: format!("LoRA adapter: {e}") })?;
-            model.lora_adapter_init(&spec.path).map_err(|e| EngineError::Load {
+                .map_err(|e| EngineError::LoraLoad { path: path.clone(), reason: e.to_string() })?;
+            model.lora_adapter_init(&spec.path).map_err(|e| EngineError::LoraLoad {
                 path,
-                reason: format!("LoRA adapter does not fit this model ({e}); see the instance's logs"),
+                reason: format!("it does not fit this model ({e}); see the instance's logs"),
             })
         })
         .collect()
