@@ -302,11 +302,7 @@ impl NativeOptions {
             }
         };
         let valid = self.generation.validate(engine).await?;
-        let mut request = GenerateRequest::new(prompt, valid.sampling, valid.stop, max_tokens);
-        request.grammar = valid.grammar;
-        request.ignore_eos = valid.ignore_eos;
-        request.lora = valid.lora;
-        request.n_probs = n_probs;
+        let mut request = valid.into_request(prompt, max_tokens, n_probs);
         request.slot = slot;
         request.cache_prompt = self.cache_prompt.unwrap_or(true);
         Ok((request, self.stream, n_predict))

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::error::{ApiError, OaiJson, OpenAiError};
 use super::oai_output::{self, Kind, Output};
-use super::params::{GenerationFields, ValidGeneration};
+use super::params::GenerationFields;
 use super::tools::{self, ToolChoiceIn, ToolIn, ValidTools};
 use super::AppState;
 use crate::engine::chat::ChatMessage;
@@ -122,15 +122,6 @@ async fn generate_n(engine: &Engine, request: GenerateRequest, n: u32) -> Result
         generations.push(engine.generate(r).await.map_err(ApiError::from)?);
     }
     Ok(generations)
-}
-
-fn build_request(valid: ValidGeneration, prompt: Prompt, max_tokens: Option<u32>, n_probs: u32) -> GenerateRequest {
-    let mut request = GenerateRequest::new(prompt, valid.sampling, valid.stop, max_tokens);
-    request.grammar = valid.grammar;
-    request.ignore_eos = valid.ignore_eos;
-    request.lora = valid.lora;
-    request.n_probs = n_probs;
-    request
 }
 
 async fn respond(generations: Vec<Generation>, output: Output, stream: bool) -> OaiResult<Response> {
@@ -272,7 +263,7 @@ async fn chat_completions(
         }
         valid.grammar = Some(super::params::schema_text_grammar(&schema)?);
     }
-    let request = build_request(valid, Prompt::Text(rendered), max_tokens, top.map_or(0, |t| t.max(1)));
+    let request = valid.into_request(Prompt::Text(rendered), max_tokens, top.map_or(0, |t| t.max(1)));
     let generations = generate_n(&serving.engine, request, n).await?;
     let mut output = Output::new(req.model, Kind::Chat);
     output.logprobs = top;
@@ -378,7 +369,7 @@ async fn completions(
     let max_tokens = max_tokens(Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)), "max_tokens")?;
     let prompt = req.prompt.single()?;
     let valid = req.common.generation.validate(&serving.engine).await?;
-    let request = build_request(valid, prompt, max_tokens, req.logprobs.map_or(0, |l| l.max(1)));
+    let request = valid.into_request(prompt, max_tokens, req.logprobs.map_or(0, |l| l.max(1)));
     let generations = generate_n(&serving.engine, request, n).await?;
     let mut output = Output::new(req.model, Kind::Completion);
     output.logprobs = req.logprobs;

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use crate::engine::{Engine, SamplingParams};
+use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 
 /// Sampling and constraint fields, under both OpenAI's and llama-server's names.
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +123,18 @@ pub struct ValidGeneration {
     pub grammar: Option<String>,
     pub ignore_eos: bool,
     pub lora: Vec<(u32, f32)>,
+}
+
+impl ValidGeneration {
+    /// The engine request for `prompt` with these settings.
+    pub fn into_request(self, prompt: Prompt, max_tokens: Option<u32>, n_probs: u32) -> GenerateRequest {
+        let mut request = GenerateRequest::new(prompt, self.sampling, self.stop, max_tokens);
+        request.grammar = self.grammar;
+        request.ignore_eos = self.ignore_eos;
+        request.lora = self.lora;
+        request.n_probs = n_probs;
+        request
+    }
 }
 
 fn bad(param: &'static str, msg: String) -> ApiError {
