@@ -378,16 +378,13 @@ pub fn stream(generations: Vec<Generation>, output: Output) -> Sse<impl Stream<I
     // Each choice's stream ends after Done; a stream that ends without one gets the trailing
     // IncompleteGeneration above, which is dropped once that choice is done.
     let events = merged
-        .scan((streamer, vec![false; n], false), |(streamer, done, failed), (i, event)| {
-            if *failed || done[i] {
+        .scan((streamer, false), |(streamer, failed), (i, event)| {
+            // A choice is done once its usage is in; after an error the stream has ended.
+            if *failed || streamer.usages[i].is_some() {
                 return futures::future::ready(Some(Vec::new()));
             }
+            *failed = event.is_err();
             let mut out = Vec::new();
-            match &event {
-                Ok(StreamEvent::Done { .. }) => done[i] = true,
-                Err(_) => *failed = true,
-                _ => {}
-            }
             streamer.on_event(i, event, &mut out);
             futures::future::ready(Some(out))
         })
