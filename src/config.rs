@@ -19,6 +19,54 @@ pub struct Config {
     pub max_running_instances: Option<usize>,
     /// Seconds a `/v1` request waits for an instance it started on demand.
     pub on_demand_start_timeout: u64,
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimitConfig,
+    /// Origins whose pages may call the API from a browser (CORS); none by default. `"*"` = any.
+    pub cors_origins: Vec<String>,
+}
+
+/// Credentials. Auth is on whenever a user or API key exists, or paddock listens beyond loopback.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The admin created at start if no user of this name exists.
+    pub admin_username: String,
+    /// That admin's password (also `PADDOCK_ADMIN_PASSWORD`); used only to create the user, and
+    /// never written back when paddock saves the config file.
+    #[serde(skip_serializing)]
+    pub admin_password: Option<String>,
+    /// Signs login tokens; default: a random secret kept in the data dir's `jwt-secret`.
+    pub jwt_secret: Option<String>,
+    /// Lifetime of a login token, in seconds.
+    pub token_ttl: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { admin_username: "admin".into(), admin_password: None, jwt_secret: None, token_ttl: 86_400 }
+    }
+}
+
+/// Requests allowed per identity (API key or user, else client address) and window; null or 0
+/// turns a limit off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Management routes.
+    pub management: Option<u32>,
+    /// Routes that load models or spend minutes: create, start, restart, start-all, login.
+    pub heavy: Option<u32>,
+    /// `/v1` and instance routes.
+    pub inference: Option<u32>,
+    /// The window the limits count over, in seconds (a request's allowance comes back after
+    /// window / limit).
+    pub window_secs: u64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig { management: Some(100), heavy: Some(10), inference: None, window_secs: 60 }
+    }
 }
 
 impl Default for Config {
@@ -29,6 +77,9 @@ impl Default for Config {
             data_dir: default_data_dir(),
             max_running_instances: None,
             on_demand_start_timeout: 120,
+            auth: AuthConfig::default(),
+            rate_limits: RateLimitConfig::default(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -44,6 +95,7 @@ pub struct Overrides {
     pub host: Option<IpAddr>,
     pub port: Option<u16>,
     pub data_dir: Option<PathBuf>,
+    pub admin_password: Option<String>,
 }
 
 /// A change to the configuration (`PUT /api/config`): only the keys given change; `null`
@@ -98,7 +150,29 @@ impl Config {
         Ok((next, report))
     }
 
+    /// The configuration with its secrets masked, for showing.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        let mask = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("********".into())
+            }
+        };
+        mask(&mut c.auth.admin_password);
+        mask(&mut c.auth.jwt_secret);
+        c
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if self.auth.token_ttl == 0 {
+            return Err("auth.token_ttl must be at least 1 second".into());
+        }
+        if self.auth.jwt_secret.as_ref().is_some_and(|s| s.len() < 32) {
+            return Err("auth.jwt_secret must be at least 32 characters".into());
+        }
+        if self.rate_limits.window_secs == 0 {
+            return Err("rate_limits.window_secs must be at least 1".into());
+        }
         if self.max_running_instances == Some(0) {
             return Err("max_running_instances must be at least 1 (or null for no limit)".into());
         }
@@ -178,6 +252,9 @@ impl Config {
         }
         if let Some(d) = overrides.data_dir {
             config.data_dir = d;
+        }
+        if let Some(p) = overrides.admin_password {
+            config.auth.admin_password = Some(p);
         }
         Ok(config)
     }

@@ -6,6 +6,7 @@
 //! - [`instance`]: instances (options, status state machine) and the [`instance::Registry`].
 //! - [`api`]: the HTTP surface (management API, OpenAI-compatible routes), [`api::app`] and
 //!   [`api::serve`].
+//! - [`auth`]: users, API keys, login tokens, and who may call what.
 //! - [`config`]: configuration layering.
 //! - [`logs`]: per-instance log buffers fed by llama.cpp's log callback.
 //! - [`models`]: the model store; for now paddock's own GGUF reader, which checks a file before llama.cpp sees it.
@@ -15,6 +16,7 @@
 //! and tokens flow back over a per-request channel.
 
 pub mod api;
+pub mod auth;
 pub mod build;
 pub mod config;
 pub mod engine;

@@ -37,6 +37,10 @@ struct ServeArgs {
     /// Where paddock keeps its state [default: the platform's user data dir, e.g. ~/.local/share/paddock].
     #[arg(long, env = "PADDOCK_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Creates the admin user (auth.admin_username, default `admin`) with this password if it does
+    /// not exist yet; auth is on from then on. Prefer the environment variable to the flag.
+    #[arg(long, env = "PADDOCK_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
     /// A GGUF file to serve at once: creates and starts an instance for it, as `llama-server -m` would.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
@@ -88,7 +92,12 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    let overrides = Overrides { host: args.host, port: args.port, data_dir: args.data_dir.clone() };
+    let overrides = Overrides {
+        host: args.host,
+        port: args.port,
+        data_dir: args.data_dir.clone(),
+        admin_password: args.admin_password.clone(),
+    };
     let (config, config_path) = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -1,7 +1,8 @@
 """The official `openai` client against a running paddock: models, chat, streaming, completions, errors,
 structured output, tool calls, embeddings, logprobs and several choices.
 
-Usage: python openai_client.py BASE_URL MODEL
+Usage: python openai_client.py BASE_URL MODEL API_KEY OTHER_INSTANCE_KEY
+(API_KEY: an inference key for all instances; OTHER_INSTANCE_KEY: one limited to another instance)
 """
 import base64
 import json
@@ -13,9 +14,23 @@ import jsonschema
 import openai
 from openai import OpenAI
 
-base, model = sys.argv[1], sys.argv[2]
-client = OpenAI(base_url=base + "/v1", api_key="not-needed")
+base, model, api_key, other_key = sys.argv[1:5]
+client = OpenAI(base_url=base + "/v1", api_key=api_key)
 checks = 0
+
+try:
+    OpenAI(base_url=base + "/v1", api_key="pdk_0_wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key must be refused")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401, e
+try:
+    OpenAI(base_url=base + "/v1", api_key=other_key, max_retries=0).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    raise AssertionError("a key for another instance must be refused")
+except openai.PermissionDeniedError as e:
+    assert e.status_code == 403 and model in str(e), e
+checks += 1
 
 ids = [m.id for m in client.models.list().data]
 assert model in ids, ids

@@ -220,3 +220,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OaiJson<T> {
         Ok(OaiJson(value))
     }
 }
+
+/// The management error body (the schema of [`ApiError`]'s answer).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// Stable machine-readable code, e.g. `INSTANCE_NOT_FOUND`.
+    pub code: String,
+    /// More about it (empty for internal errors, which are logged instead).
+    pub details: String,
+}

@@ -8,21 +8,29 @@
 //! - [`llama`]: llama-server's routes of one instance (`/api/instances/{name}/proxy/…`,
 //!   `/llama-cpp/{name}/…`, and the instance's own port).
 //! - [`system`]: server information and health.
+//! - [`auth`]: login, users and API keys; [`guard`]: the middleware that checks credentials,
+//!   rights and [`limits`] on every request.
+//! - [`ws`]: the WebSocket of live events.
 //! - [`error`]: the one error → response map, and JSON extractors that use it.
 //!
 //! [`app`] builds the router from an [`AppState`]; [`serve`] runs it until a shutdown future
 //! resolves. Both are library functions so tests can drive them on a port-0 listener.
 
+mod auth;
 pub mod error;
+pub mod guard;
 pub mod instances;
+pub mod limits;
 pub mod llama;
 mod oai_output;
 pub mod openai;
 mod params;
 pub mod system;
 mod tools;
+mod ws;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,6 +38,7 @@ use std::time::Instant;
 use axum::http::Uri;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::instance::Registry;
@@ -48,6 +57,10 @@ pub struct AppState {
     pub config_path: Arc<PathBuf>,
     pub started: Instant,
     pub system: system::SystemProbe,
+    pub auth: crate::auth::Auth,
+    pub limits: Arc<limits::RateLimits>,
+    /// Cancelled when the server shuts down: long-lived connections (WebSockets) end on it.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -55,11 +68,16 @@ impl AppState {
     /// configuration changes are saved to `config_path`.
     pub fn open(config: Config, config_path: PathBuf) -> Result<Self, String> {
         config.prepare().map_err(|e| e.to_string())?;
-        let registry = Registry::open(&config.data_dir.join(DATABASE)).map_err(|e| e.to_string())?;
+        let database = config.data_dir.join(DATABASE);
+        let registry = Registry::open(&database).map_err(|e| e.to_string())?;
         registry.set_max_running(config.max_running_instances);
         registry.set_bind_host(config.host);
+        let auth = crate::auth::Auth::open(&config.auth, &database, &config.data_dir, config.host.is_loopback())?;
         Ok(AppState {
             registry,
+            auth,
+            limits: Arc::new(limits::RateLimits::new(&config.rate_limits)),
+            shutdown: CancellationToken::new(),
             config: Arc::new(parking_lot::RwLock::new(config)),
             config_path: Arc::new(config_path),
             started: Instant::now(),
@@ -69,7 +87,11 @@ impl AppState {
 }
 
 pub fn app(state: AppState) -> Router {
-    let management = instances::routes().merge(system::routes());
+    let cors = cors(&state.config.read().cors_origins);
+    let management = instances::routes()
+        .merge(system::routes())
+        .merge(Router::from(auth::routes()))
+        .merge(Router::from(ws::routes()));
     // llama-server's routes of one instance, where llamactl proxies them.
     let proxied = || llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path));
     Router::new()
@@ -82,7 +104,32 @@ pub fn app(state: AppState) -> Router {
         .nest("/v1", openai::routes().fallback(openai_not_found))
         .merge(system::root_routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard::authorize))
+        .layer(axum::middleware::from_fn(guard::challenge))
+        .layer(cors)
         .with_state(state)
+}
+
+/// Cross-origin access for the configured origins only (none by default: browsers then keep
+/// other sites' pages from calling the API).
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderName::from_static("x-ratelimit-reset"),
+            header::RETRY_AFTER,
+        ])
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -104,7 +151,13 @@ pub async fn serve(
     tokio::spawn(serve_instance_ports(state.clone()));
     let registry = state.registry.clone();
     tokio::spawn(async move { registry.resume().await });
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    let token = state.shutdown.clone();
+    let shutdown = async move {
+        shutdown.await;
+        token.cancel();
+    };
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// Serves each running instance's own `port` (when it has one) with the routes a llama-server
@@ -114,8 +167,8 @@ async fn serve_instance_ports(state: AppState) {
     let mut events = state.registry.subscribe();
     loop {
         let change = match events.recv().await {
-            Ok(change) => change,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Ok(crate::instance::RegistryEvent::Status(change)) => change,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
         if change.status != crate::instance::Status::Running {
@@ -124,8 +177,12 @@ async fn serve_instance_ports(state: AppState) {
         let Some((listener, mut status)) = state.registry.take_port(&change.name) else { continue };
         let router = llama::routes()
             .fallback(openai_not_found)
+            .layer(axum::middleware::from_fn_with_state(state.clone(), guard::authorize_port))
+            .layer(axum::middleware::from_fn(guard::challenge))
+            // Outermost, so the guard sees which instance the port belongs to.
             .layer(axum::Extension(openai::Pinned(change.name.as_str().into())))
-            .with_state(state.clone());
+            .with_state(state.clone())
+            .into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move {
             let listener = match listener.set_nonblocking(true).and_then(|()| TcpListener::from_std(listener)) {
                 Ok(l) => l,

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Extension;
 use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
@@ -24,6 +24,7 @@ use super::oai_output::{self, Kind, Output};
 use super::params::GenerationFields;
 use super::tools::{self, ToolChoiceIn, ToolIn, ValidTools};
 use super::AppState;
+use crate::auth::{AuthError, Need, Principal};
 use crate::engine::chat::ChatMessage;
 use crate::engine::{Engine, GenerateRequest, Generation, Prompt};
 use crate::instance::{InstanceError, Serving};
@@ -38,12 +39,12 @@ pub fn routes() -> Router<AppState> {
 
 type OaiResult<T> = Result<T, OpenAiError>;
 
-async fn models(State(state): State<AppState>, pinned: Option<Extension<Pinned>>) -> impl IntoResponse {
+async fn models(State(state): State<AppState>, caller: Caller) -> impl IntoResponse {
     let data: Vec<Value> = state
         .registry
         .list()
         .into_iter()
-        .filter(|i| pinned.as_ref().is_none_or(|Extension(Pinned(name))| i.name == **name))
+        .filter(|i| caller.sees(&i.name))
         .map(|i| {
             json!({
                 "id": i.name,
@@ -218,18 +219,48 @@ fn decode_arguments(mut call: Value) -> Value {
 #[derive(Clone)]
 pub struct Pinned(pub Arc<str>);
 
-fn pin(pinned: Option<Extension<Pinned>>, model: &mut String) {
-    if let Some(Extension(Pinned(name))) = pinned {
-        *model = name.to_string();
+/// Who calls a `/v1` route, and the instance the route is pinned to, if any.
+pub struct Caller {
+    pinned: Option<Arc<str>>,
+    principal: Option<Principal>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Caller {
+            pinned: parts.extensions.get::<Pinned>().map(|Pinned(name)| name.clone()),
+            principal: parts.extensions.get::<Principal>().cloned(),
+        })
+    }
+}
+
+impl Caller {
+    /// Points `model` at the pinned instance if there is one, and checks the caller may use
+    /// it. Without a principal (a router the guard did not wrap) nothing is allowed.
+    fn target(&self, model: &mut String) -> Result<(), ApiError> {
+        if let Some(name) = &self.pinned {
+            *model = name.to_string();
+        }
+        match &self.principal {
+            Some(p) => p.check(Need::Inference(Some(model))).map_err(|e| ApiError::from(e).with_param("model")),
+            None => Err(ApiError::from(AuthError::Unauthenticated("no credentials were checked".into()))),
+        }
+    }
+
+    fn sees(&self, instance: &str) -> bool {
+        self.pinned.as_deref().is_none_or(|p| p == instance)
+            && self.principal.as_ref().is_some_and(|p| p.may_use(instance))
     }
 }
 
 async fn chat_completions(
     State(state): State<AppState>,
-    pinned: Option<Extension<Pinned>>,
+    caller: Caller,
     OaiJson(mut req): OaiJson<ChatRequest>,
 ) -> OaiResult<Response> {
-    pin(pinned, &mut req.model);
+    caller.target(&mut req.model)?;
     let serving = lookup(&state, &req.model).await?;
     let n = req.common.n()?;
     let include_usage = req.common.include_usage();
@@ -345,10 +376,10 @@ const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 async fn completions(
     State(state): State<AppState>,
-    pinned: Option<Extension<Pinned>>,
+    caller: Caller,
     OaiJson(mut req): OaiJson<CompletionRequest>,
 ) -> OaiResult<Response> {
-    pin(pinned, &mut req.model);
+    caller.target(&mut req.model)?;
     let serving = lookup(&state, &req.model).await?;
     if req.echo == Some(true) {
         return Err(ApiError::bad_request("echo is not supported").with_param("echo").into());
@@ -439,10 +470,10 @@ pub fn normalize(v: &mut [f32]) {
 
 async fn embeddings(
     State(state): State<AppState>,
-    pinned: Option<Extension<Pinned>>,
+    caller: Caller,
     OaiJson(mut req): OaiJson<EmbeddingRequest>,
 ) -> OaiResult<Response> {
-    pin(pinned, &mut req.model);
+    caller.target(&mut req.model)?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -126,7 +126,7 @@ async fn alerts(State(state): State<AppState>) -> impl IntoResponse {
 
 /// The effective configuration (paddock has no secrets in it yet).
 async fn config(State(state): State<AppState>) -> impl IntoResponse {
-    axum::Json(json!(*state.config.read()))
+    axum::Json(json!(state.config.read().redacted()))
 }
 
 /// Validates a partial change, saves it to the config file, applies what can apply live, and
@@ -160,7 +160,7 @@ async fn update_config(
         "Configuration saved; some changes apply after a restart"
     };
     Ok(axum::Json(
-        json!({ "message": message, "config": next, "applied": report.applied, "restart_required": report.restart_required }),
+        json!({ "message": message, "config": next.redacted(), "applied": report.applied, "restart_required": report.restart_required }),
     ))
 }
 

@@ -96,12 +96,26 @@ pub struct HealthChecks {
     pub response: &'static str,
 }
 
-/// A published status change (consumed by the WebSocket and logs).
+/// A status transition, as published.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusChange {
     pub name: String,
+    pub old: Status,
     pub status: Status,
     pub at: DateTime<Utc>,
+}
+
+/// What the registry publishes (to the WebSocket and the instance-port server), in the order
+/// it happened.
+#[derive(Debug, Clone)]
+pub enum RegistryEvent {
+    /// Every transition, each once.
+    Status(StatusChange),
+    /// Sent once the change is persisted.
+    Created(String),
+    Updated(String),
+    Deleted(String),
+    Alert(Alert),
 }
 
 /// What GET returns for an instance.
@@ -248,9 +262,17 @@ impl Entry {
 /// Something an operator must act on, e.g. an instance that auto-restart gave up on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Alert {
+    pub level: AlertLevel,
     pub time: DateTime<Utc>,
     pub instance: String,
     pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertLevel {
+    Warning,
+    Error,
 }
 
 /// How many alerts are kept.
@@ -264,7 +286,7 @@ pub struct Registry {
 
 struct Inner {
     map: Mutex<HashMap<String, Entry>>,
-    events: broadcast::Sender<StatusChange>,
+    events: broadcast::Sender<RegistryEvent>,
     /// The latest system alerts, newest last (at most [`MAX_ALERTS`]); never locked together
     /// with `map`.
     alerts: Mutex<std::collections::VecDeque<Alert>>,
@@ -426,7 +448,10 @@ impl Registry {
         if alerts.len() == MAX_ALERTS {
             alerts.pop_front();
         }
-        alerts.push_back(Alert { time: Utc::now(), instance: instance.to_string(), message });
+        let alert = Alert { level: AlertLevel::Error, time: Utc::now(), instance: instance.to_string(), message };
+        alerts.push_back(alert.clone());
+        drop(alerts);
+        let _ = self.inner.events.send(RegistryEvent::Alert(alert));
     }
 
     /// The kept alerts, oldest first.
@@ -434,7 +459,9 @@ impl Registry {
         self.inner.alerts.lock().iter().cloned().collect()
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<StatusChange> {
+    /// Events from now on. A receiver that falls more than 256 events behind loses the oldest
+    /// (and is told how many); the registry never waits for one.
+    pub fn subscribe(&self) -> broadcast::Receiver<RegistryEvent> {
         self.inner.events.subscribe()
     }
 
@@ -464,6 +491,7 @@ impl Registry {
             self.inner.map.lock().remove(&view.name);
             return Err(e);
         }
+        let _ = self.inner.events.send(RegistryEvent::Created(view.name.clone()));
         Ok(view)
     }
 
@@ -494,6 +522,7 @@ impl Registry {
         };
         if changed {
             self.persist(name, false).await?;
+            let _ = self.inner.events.send(RegistryEvent::Updated(name.to_string()));
         }
         Ok((view, restart_required))
     }
@@ -518,7 +547,9 @@ impl Registry {
             }
             map.remove(name);
         }
-        self.persist(name, true).await
+        self.persist(name, true).await?;
+        let _ = self.inner.events.send(RegistryEvent::Deleted(name.to_string()));
+        Ok(())
     }
 
     pub fn logs(&self, name: &str, lines: usize, min_level: Option<Level>) -> Result<Vec<LogLine>, InstanceError> {
@@ -571,18 +602,22 @@ impl Registry {
         let map = self.inner.map.lock();
         map.get(name).map(f).ok_or_else(|| InstanceError::NotFound(name.to_string()))
     }
-
-    fn publish(&self, name: &str, status: Status) {
-        let _ = self.inner.events.send(StatusChange { name: name.to_string(), status, at: Utc::now() });
-    }
 }
 
-fn apply(e: &mut Entry, event: Event) -> Result<(), InstanceError> {
+/// Moves `e` through `event` and publishes the transition. It is sent while the registry lock is
+/// held (a send never waits), so subscribers see each instance's transitions in the order they
+/// happened; publishing after the lock could swap two concurrent ones.
+fn apply(events: &broadcast::Sender<RegistryEvent>, e: &mut Entry, event: Event) -> Result<(), InstanceError> {
+    let old = e.status;
     let next =
-        e.status.transition(event).map_err(|source| InstanceError::Transition { name: e.spec.name.clone(), source })?;
+        old.transition(event).map_err(|source| InstanceError::Transition { name: e.spec.name.clone(), source })?;
     e.status = next;
     e.status_tx.send_replace(next);
     e.updated_at = Utc::now();
+    if next != old {
+        let change = StatusChange { name: e.spec.name.clone(), old, status: next, at: e.updated_at };
+        let _ = events.send(RegistryEvent::Status(change));
+    }
     Ok(())
 }
 

@@ -41,6 +41,23 @@ const MIGRATIONS: &[&str] = &[
         name TEXT PRIMARY KEY NOT NULL,
         version INTEGER NOT NULL CHECK (version >= 0)
     ) STRICT;",
+    // v2: auth (its SQL lives in auth/store.rs; the schema's versions are one sequence).
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'viewer')),
+        password_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('management', 'inference')),
+        role TEXT NOT NULL CHECK (role IN ('admin', 'viewer')),
+        instances TEXT CHECK (instances IS NULL OR json_valid(instances)),
+        secret_sha256 TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    ) STRICT;",
 ];
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

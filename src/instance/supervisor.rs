@@ -115,7 +115,7 @@ impl Registry {
                     })?;
                     e.port_listener = Some(listener);
                 }
-                apply(e, Event::Start)?;
+                apply(&self.inner.events, e, Event::Start)?;
                 e.generation += 1;
                 if manual {
                     e.restarts = 0;
@@ -125,7 +125,6 @@ impl Registry {
                 e.logs.push(Level::INFO, "starting: loading model");
                 (e.spec.options.engine_config(name, model_path, e.logs.clone(), e.cancel_load.clone()), e.generation)
             };
-        self.publish(name, Status::Starting);
         let registry = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -139,7 +138,7 @@ impl Registry {
         let mut orphan = None;
         let mut watch = None;
         let mut failed = false;
-        let status = {
+        {
             let mut map = self.inner.map.lock();
             let Some(e) = map.get_mut(name) else { return };
             match outcome {
@@ -147,14 +146,14 @@ impl Registry {
                     let template = chat_template(thread.engine().info(), &e.logs);
                     let serving = Serving { engine: thread.engine().clone(), template };
                     e.running = Some(Running { thread, serving, since: std::time::Instant::now() });
-                    let _ = apply(e, Event::Loaded);
+                    let _ = apply(&self.inner.events, e, Event::Loaded);
                     e.logs.push(Level::INFO, "running");
                     watch = Some(exited);
                 }
                 // A stop (or a newer start) came in while loading: this engine is not wanted.
                 Ok((thread, _)) => orphan = Some(thread),
                 Err(err) if e.generation == generation && e.status == Status::Starting => {
-                    let _ = apply(e, Event::LoadFailed);
+                    let _ = apply(&self.inner.events, e, Event::LoadFailed);
                     e.logs.push(Level::ERROR, format!("start failed: {err}"));
                     e.error = Some(err.to_string());
                     failed = true;
@@ -162,15 +161,13 @@ impl Registry {
                 Err(_) => {}
             }
             if e.status == Status::Stopping && e.running.is_none() {
-                let _ = apply(e, Event::Halted);
+                let _ = apply(&self.inner.events, e, Event::Halted);
                 e.logs.push(Level::INFO, "stopped");
             }
-            e.status
-        };
+        }
         if let Some(thread) = orphan {
             let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE)).await;
         }
-        self.publish(name, status);
         if failed {
             self.schedule_restart(name, generation);
         }
@@ -192,13 +189,12 @@ impl Registry {
             if e.status != Status::Running {
                 return; // a stop is in charge
             }
-            let _ = apply(e, Event::Crashed);
+            let _ = apply(&self.inner.events, e, Event::Crashed);
             let reason = report.err().unwrap_or_else(|| "engine thread exited".into());
             e.logs.push(Level::ERROR, format!("engine failed: {reason}"));
             e.error = Some(reason);
             e.running = None;
         }
-        self.publish(name, Status::Failed);
         self.schedule_restart(name, generation);
     }
 
@@ -226,14 +222,13 @@ impl Registry {
                 return give_up(format!("{message} ({error})"));
             }
             e.restarts += 1;
-            let _ = apply(e, Event::ScheduleRestart);
+            let _ = apply(&self.inner.events, e, Event::ScheduleRestart);
             e.logs.push(
                 Level::WARN,
                 format!("restart {} of {} in {} s", e.restarts, policy.max_restarts, policy.restart_delay),
             );
             Duration::from_secs_f64(policy.restart_delay)
         };
-        self.publish(name, Status::Restarting);
         let registry = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -255,7 +250,7 @@ impl Registry {
             let mut map = self.inner.map.lock();
             let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
             let was = e.status;
-            apply(e, Event::Stop)?;
+            apply(&self.inner.events, e, Event::Stop)?;
             // Results of what was under way (a load, a restart timer, an engine exit) are now stale;
             // a load still in progress finds the instance stopping and completes the stop.
             e.generation += 1;
@@ -265,8 +260,7 @@ impl Registry {
             e.logs.push(Level::INFO, if e.status == Status::Stopped { "stopped" } else { "stopping" });
             (e.running.take(), e.status_tx.subscribe())
         };
-        let status = *status_rx.borrow_and_update();
-        self.publish(name, status);
+        status_rx.borrow_and_update();
         self.set_desired(name, false).await;
         let Some(running) = running else {
             // Stopping a load: it is cancelled at llama.cpp's next progress callback; answer once
@@ -283,11 +277,10 @@ impl Registry {
         let status = {
             let mut map = self.inner.map.lock();
             let Some(e) = map.get_mut(name) else { return Ok(Status::Stopped) };
-            let _ = apply(e, Event::Halted);
+            let _ = apply(&self.inner.events, e, Event::Halted);
             e.logs.push(Level::INFO, "stopped");
             e.status
         };
-        self.publish(name, status);
         Ok(status)
     }
 

@@ -49,6 +49,13 @@ pub fn spawn_server(configure: impl FnOnce(&mut paddock::Config) + Send + 'stati
         rt.block_on(async move {
             let data = tempfile::tempdir().unwrap();
             let mut config = paddock::Config { data_dir: data.path().to_path_buf(), ..Default::default() };
+            // Tests poll and create far faster than people do; the rate-limit tests turn limits on.
+            config.rate_limits = paddock::config::RateLimitConfig {
+                management: None,
+                heavy: None,
+                inference: None,
+                ..Default::default()
+            };
             configure(&mut config);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
@@ -104,9 +111,18 @@ impl TestServer {
     }
 
     pub async fn wait_status(&self, name: &str, want: &str) -> Value {
+        self.wait_status_with(name, want, "").await
+    }
+
+    /// [`Self::wait_status`] on a server with auth on, with `token` ("" = none).
+    pub async fn wait_status_with(&self, name: &str, want: &str, token: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let (_, body) = self.get(&format!("/api/instances/{name}")).await;
+            let mut request = self.client.get(self.url(&format!("/api/instances/{name}")));
+            if !token.is_empty() {
+                request = request.bearer_auth(token);
+            }
+            let body: Value = request.send().await.unwrap().json().await.unwrap_or(Value::Null);
             if body["status"] == want {
                 return body;
             }
