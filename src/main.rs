@@ -102,6 +102,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let state = AppState::open(config, config_path)?;
+    if state.auth.active() {
+        tracing::info!("auth is on: requests need a login token or an API key");
+    } else {
+        tracing::info!("auth is off (loopback, no users or keys); PADDOCK_ADMIN_PASSWORD turns it on");
+    }
     tracing::info!("paddock {} listening on http://{}", paddock::build::VERSION, listener.local_addr().unwrap_or(addr));
 
     if let Some(model_path) = args.model {
