@@ -431,3 +431,30 @@ async fn an_open_loopback_server_turns_auth_on_with_its_first_credential() {
     let token = login(&s, "root", "admin pass").await;
     assert_eq!(call(&s, Method::GET, "/api/instances", Some(&token), None).await.status, 200);
 }
+
+#[tokio::test]
+async fn cross_origin_calls_are_allowed_only_from_configured_origins() {
+    async fn preflight(s: &TestServer, origin: &str) -> reqwest::Response {
+        s.client
+            .request(Method::OPTIONS, s.url("/api/instances"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+            .await
+            .unwrap()
+    }
+    let closed = spawn_server(|_| {});
+    let r = preflight(&closed, "http://ui.example").await;
+    assert!(r.headers().get("access-control-allow-origin").is_none(), "no origin allowed by default");
+    let r = closed.client.get(closed.url("/api/instances")).header("origin", "http://ui.example").send().await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    let open = spawn_server(|c| c.cors_origins = vec!["http://ui.example".into()]);
+    let r = preflight(&open, "http://ui.example").await;
+    assert_eq!(r.headers()["access-control-allow-origin"], "http://ui.example");
+    let allowed = r.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let r = preflight(&open, "http://evil.example").await;
+    assert!(r.headers().get("access-control-allow-origin").is_none(), "only the configured origin");
+}
