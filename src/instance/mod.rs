@@ -79,14 +79,14 @@ pub enum InstanceError {
 /// How long a health check waits for the engine loop to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Health {
     pub status: &'static str,
     pub checks: HealthChecks,
     pub last_check: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HealthChecks {
     /// The engine thread's state.
     pub process: &'static str,
@@ -105,7 +105,7 @@ pub struct StatusChange {
 }
 
 /// What GET returns for an instance.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InstanceView {
     pub name: String,
     pub status: Status,
@@ -133,7 +133,7 @@ pub struct InstanceView {
     pub stats: Option<InstanceStats>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InstanceStats {
     /// Bytes of model weights (the context's KV cache comes on top).
     pub memory_usage: u64,
@@ -246,7 +246,7 @@ impl Entry {
 }
 
 /// Something an operator must act on, e.g. an instance that auto-restart gave up on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Alert {
     pub time: DateTime<Utc>,
     pub instance: String,
