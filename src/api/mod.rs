@@ -9,10 +9,14 @@
 //!   `/llama-cpp/{name}/…`, and the instance's own port).
 //! - [`system`]: server information and health.
 //! - [`error`]: the one error → response map, and JSON extractors that use it.
+//! - [`doc`]: the OpenAPI document (`/api/openapi.json`): every route module registers its
+//!   routes with `utoipa_axum::routes!`, so each route carries its `#[utoipa::path]`.
 //!
 //! [`app`] builds the router from an [`AppState`]; [`serve`] runs it until a shutdown future
 //! resolves. Both are library functions so tests can drive them on a port-0 listener.
+//! [`openapi`] is the document of the routes [`app`] serves.
 
+pub mod doc;
 pub mod error;
 pub mod instances;
 pub mod llama;
@@ -24,12 +28,14 @@ mod tools;
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::http::Uri;
 use axum::Router;
 use tokio::net::TcpListener;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
 use crate::instance::Registry;
@@ -69,20 +75,41 @@ impl AppState {
 }
 
 pub fn app(state: AppState) -> Router {
-    let management = instances::routes().merge(system::routes());
-    // llama-server's routes of one instance, where llamactl proxies them.
-    let proxied = || llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path));
-    Router::new()
-        .nest("/api", management.clone())
+    let (router, document) = documented().split_for_parts();
+    DOCUMENT.get_or_init(|| doc::finish(document));
+    router
         // llamactl's own prefix, so its clients work unchanged.
-        .nest("/api/v1", management)
-        .nest("/api/instances/{name}/proxy", proxied())
-        .nest("/api/v1/instances/{name}/proxy", proxied())
-        .nest("/llama-cpp/{name}", proxied())
-        .nest("/v1", openai::routes().fallback(openai_not_found))
-        .merge(system::root_routes())
+        .nest("/api/v1", management().into())
+        .nest("/api/v1/instances/{name}/proxy", proxied().into())
+        .nest("/llama-cpp/{name}", proxied().into())
         .fallback(not_found)
         .with_state(state)
+}
+
+/// The canonical paths, documented. [`app`] adds the aliases, which serve the same handlers
+/// undocumented (the document's description names them).
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
+        .nest("/api", management())
+        .nest(doc::PROXY_PREFIX, proxied())
+        .nest("/v1", openai::routes().fallback(openai_not_found))
+        .merge(system::root_routes())
+}
+
+fn management() -> OpenApiRouter<AppState> {
+    instances::routes().merge(system::routes()).merge(doc::routes())
+}
+
+/// llama-server's routes of one instance, where llamactl proxies them.
+fn proxied() -> OpenApiRouter<AppState> {
+    llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path))
+}
+
+static DOCUMENT: OnceLock<serde_json::Value> = OnceLock::new();
+
+/// The OpenAPI document of the routes [`app`] serves, made once.
+pub fn openapi() -> &'static serde_json::Value {
+    DOCUMENT.get_or_init(|| doc::finish(documented().into_openapi()))
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -122,7 +149,7 @@ async fn serve_instance_ports(state: AppState) {
             continue;
         }
         let Some((listener, mut status)) = state.registry.take_port(&change.name) else { continue };
-        let router = llama::routes()
+        let router = Router::from(llama::routes())
             .fallback(openai_not_found)
             .layer(axum::Extension(openai::Pinned(change.name.as_str().into())))
             .with_state(state.clone());
