@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    #[schema(value_type = String, format = "ip")]
     pub host: IpAddr,
     pub port: u16,
     /// Where paddock keeps its state.
+    #[schema(value_type = String)]
     pub data_dir: PathBuf,
     /// Most instances running at once; starting one more stops the least recently used
     /// evictable one (after its requests finish). None = no limit.
@@ -26,7 +28,7 @@ pub struct Config {
 }
 
 /// Credentials. Auth is on whenever a user or API key exists, or paddock listens beyond loopback.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// The admin created at start if no user of this name exists.
@@ -49,7 +51,7 @@ impl Default for AuthConfig {
 
 /// Requests allowed per identity (API key or user, else client address) and window; null or 0
 /// turns a limit off.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
     /// Management routes.
@@ -100,13 +102,16 @@ pub struct Overrides {
 
 /// A change to the configuration (`PUT /api/config`): only the keys given change; `null`
 /// clears `max_running_instances`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
+    #[schema(value_type = Option<String>, format = "ip")]
     pub host: Option<IpAddr>,
     pub port: Option<u16>,
+    #[schema(value_type = Option<String>)]
     pub data_dir: Option<PathBuf>,
     #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<usize>)]
     pub max_running_instances: Option<Option<usize>>,
     pub on_demand_start_timeout: Option<u64>,
 }

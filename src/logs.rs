@@ -21,7 +21,7 @@ use tracing_subscriber::Layer;
 /// Lines kept per instance; older ones are dropped.
 pub const LOG_CAPACITY: usize = 2000;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LogLine {
     pub timestamp: DateTime<Utc>,
     pub level: &'static str,

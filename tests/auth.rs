@@ -109,7 +109,8 @@ async fn every_documented_route_needs_credentials_and_viewers_cannot_write() {
             let a = call(s, m.clone(), &concrete, Some("not-a-token"), Some(json!({}))).await;
             assert_error(&a, 401);
             let inference = path.starts_with("/v1/") || path.contains("/proxy");
-            if m != Method::GET && !inference {
+            // Refreshing one's own token changes nothing but the token.
+            if m != Method::GET && !inference && path != "/api/auth/refresh" {
                 let a = call(s, m, &concrete, Some(&viewer), Some(json!({}))).await;
                 assert_error(&a, 403);
             }

@@ -32,9 +32,9 @@ pub struct LoginRequest {
 
 /// Exchanges a username and password for a login token.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", security(()), request_body = LoginRequest,
-    responses((status = 200, body = IssuedToken), (status = 400, body = super::error::ErrorBody),
-        (status = 401, description = "Wrong username or password", body = super::error::ErrorBody),
-        (status = 429, description = "Too many attempts", body = super::error::ErrorBody)))]
+    responses((status = 200, body = IssuedToken), (status = 400, body = super::doc::ErrorBody),
+        (status = 401, description = "Wrong username or password", body = super::doc::ErrorBody),
+        (status = 429, description = "Too many attempts", body = super::doc::ErrorBody)))]
 async fn login(
     State(state): State<AppState>,
     Json(body): Json<LoginRequest>,
@@ -45,8 +45,8 @@ async fn login(
 /// A new token for the holder of a valid login token.
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth",
     responses((status = 200, body = IssuedToken),
-        (status = 401, body = super::error::ErrorBody),
-        (status = 403, description = "Not a login token (API keys do not expire)", body = super::error::ErrorBody)))]
+        (status = 401, body = super::doc::ErrorBody),
+        (status = 403, description = "Not a login token (API keys do not expire)", body = super::doc::ErrorBody)))]
 async fn refresh(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -56,8 +56,8 @@ async fn refresh(
 
 /// Lists users (admins only).
 #[utoipa::path(get, path = "/auth/users", tag = "auth",
-    responses((status = 200, body = [UserView]), (status = 401, body = super::error::ErrorBody),
-        (status = 403, body = super::error::ErrorBody)))]
+    responses((status = 200, body = [UserView]), (status = 401, body = super::doc::ErrorBody),
+        (status = 403, body = super::doc::ErrorBody)))]
 async fn list_users(State(state): State<AppState>) -> axum::Json<Vec<UserView>> {
     axum::Json(state.auth.users())
 }
@@ -65,9 +65,9 @@ async fn list_users(State(state): State<AppState>) -> axum::Json<Vec<UserView>> 
 /// Creates a user (admins only; on an open loopback server the first user must be an admin,
 /// and creating it turns auth on).
 #[utoipa::path(post, path = "/auth/users", tag = "auth", request_body = NewUser,
-    responses((status = 201, body = UserView), (status = 400, body = super::error::ErrorBody),
-        (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody),
-        (status = 409, description = "The name is taken, or the first user is not an admin", body = super::error::ErrorBody)))]
+    responses((status = 201, body = UserView), (status = 400, body = super::doc::ErrorBody),
+        (status = 401, body = super::doc::ErrorBody), (status = 403, body = super::doc::ErrorBody),
+        (status = 409, description = "The name is taken, or the first user is not an admin", body = super::doc::ErrorBody)))]
 async fn create_user(State(state): State<AppState>, Json(body): Json<NewUser>) -> Result<impl IntoResponse, ApiError> {
     Ok((StatusCode::CREATED, axum::Json(state.auth.create_user(body).await?)))
 }
@@ -75,9 +75,9 @@ async fn create_user(State(state): State<AppState>, Json(body): Json<NewUser>) -
 /// Deletes a user; refused for the last admin.
 #[utoipa::path(delete, path = "/auth/users/{username}", tag = "auth",
     params(("username" = String, Path, description = "The user's name")),
-    responses((status = 204), (status = 401, body = super::error::ErrorBody),
-        (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody),
-        (status = 409, description = "The last admin", body = super::error::ErrorBody)))]
+    responses((status = 204), (status = 401, body = super::doc::ErrorBody),
+        (status = 403, body = super::doc::ErrorBody), (status = 404, body = super::doc::ErrorBody),
+        (status = 409, description = "The last admin", body = super::doc::ErrorBody)))]
 async fn delete_user(State(state): State<AppState>, Path(username): Path<String>) -> Result<StatusCode, ApiError> {
     state.auth.delete_user(&username).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -85,17 +85,17 @@ async fn delete_user(State(state): State<AppState>, Path(username): Path<String>
 
 /// Lists API keys (never the keys themselves).
 #[utoipa::path(get, path = "/auth/keys", tag = "auth",
-    responses((status = 200, body = [KeyView]), (status = 401, body = super::error::ErrorBody),
-        (status = 403, body = super::error::ErrorBody)))]
+    responses((status = 200, body = [KeyView]), (status = 401, body = super::doc::ErrorBody),
+        (status = 403, body = super::doc::ErrorBody)))]
 async fn list_keys(State(state): State<AppState>) -> axum::Json<Vec<KeyView>> {
     axum::Json(state.auth.keys())
 }
 
 /// Creates an API key; the answer's `key` is the only time it is shown.
 #[utoipa::path(post, path = "/auth/keys", tag = "auth", request_body = NewKey,
-    responses((status = 201, body = KeyView), (status = 400, body = super::error::ErrorBody),
-        (status = 401, body = super::error::ErrorBody), (status = 403, body = super::error::ErrorBody),
-        (status = 409, description = "The first credential is not an admin key", body = super::error::ErrorBody)))]
+    responses((status = 201, body = KeyView), (status = 400, body = super::doc::ErrorBody),
+        (status = 401, body = super::doc::ErrorBody), (status = 403, body = super::doc::ErrorBody),
+        (status = 409, description = "The first credential is not an admin key", body = super::doc::ErrorBody)))]
 async fn create_key(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -107,8 +107,8 @@ async fn create_key(
 /// Revokes an API key at once.
 #[utoipa::path(delete, path = "/auth/keys/{id}", tag = "auth",
     params(("id" = String, Path, description = "The key's id")),
-    responses((status = 204), (status = 401, body = super::error::ErrorBody),
-        (status = 403, body = super::error::ErrorBody), (status = 404, body = super::error::ErrorBody)))]
+    responses((status = 204), (status = 401, body = super::doc::ErrorBody),
+        (status = 403, body = super::doc::ErrorBody), (status = 404, body = super::doc::ErrorBody)))]
 async fn delete_key(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     state.auth.delete_key(&id).await?;
     Ok(StatusCode::NO_CONTENT)

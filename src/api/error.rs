@@ -4,8 +4,9 @@
 //! OpenAI's `{"error":{"message","type","param","code"}}`, which its clients parse. Both come
 //! from the same [`ApiError`], so a status code is decided in one place.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
@@ -221,13 +222,27 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OaiJson<T> {
     }
 }
 
-/// The management error body (the schema of [`ApiError`]'s answer).
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: String,
-    /// Stable machine-readable code, e.g. `INSTANCE_NOT_FOUND`.
-    pub code: String,
-    /// More about it (empty for internal errors, which are logged instead).
-    pub details: String,
+fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::new(rejection.status(), "INVALID_QUERY", "Invalid query string").with_details(rejection.body_text())
+}
+
+/// `axum::extract::Query`, but a bad query string becomes an [`ApiError`] in our format.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state).await.map(|q| Query(q.0)).map_err(query_rejection)
+    }
+}
+
+/// [`Query`] for `/v1` and llama-server routes: a bad query string becomes an OpenAI error.
+pub struct OaiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for OaiQuery<T> {
+    type Rejection = OpenAiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let query = axum::extract::Query::<T>::from_request_parts(parts, state).await;
+        query.map(|q| OaiQuery(q.0)).map_err(|e| OpenAiError(query_rejection(e)))
+    }
 }

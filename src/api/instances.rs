@@ -4,34 +4,38 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::Router;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tracing::Level;
 
-use super::error::{ApiError, Json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::doc::{self, ErrorBody};
+use super::error::{ApiError, Json, Query};
 use super::AppState;
 use crate::instance::{
     InstanceError, InstanceOptions, InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch, Status, StopMode,
 };
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/instances", get(list).post(create))
-        .route("/instances/start-all", post(start_all))
-        .route("/instances/stop-all", post(stop_all))
-        .route("/instances/{name}", get(show).post(create_named).put(update).delete(remove))
-        .route("/instances/{name}/start", post(start))
-        .route("/instances/{name}/stop", post(stop))
-        .route("/instances/{name}/restart", post(restart))
-        .route("/instances/{name}/logs", get(logs))
-        .route("/instances/{name}/health", get(health))
+/// The routes, each with its `#[utoipa::path]` (one `routes!` per path).
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(start_all))
+        .routes(routes!(stop_all))
+        .routes(routes!(show, create_named, update, remove))
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(restart))
+        .routes(routes!(logs))
+        .routes(routes!(health))
 }
 
 /// Either create/update form's body, parsed into the parts of a spec. Unknown fields anywhere
@@ -45,7 +49,7 @@ struct Body {
     policy: PolicyPatch,
 }
 
-const POLICY_FIELDS: [&str; 6] =
+pub(super) const POLICY_FIELDS: [&str; 6] =
     ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable"];
 
 fn invalid(details: impl Into<String>) -> ApiError {
@@ -134,12 +138,45 @@ fn parse_for(value: Value, name: &str, mismatch: &str) -> Result<Body, ApiError>
     Ok(body)
 }
 
+/// Create an instance (stopped), from either body form; `name` is required.
+#[utoipa::path(
+    post,
+    path = "/instances",
+    operation_id = "create_instance",
+    tag = "instances",
+    request_body = doc::InstanceBody,
+    responses(
+        (status = 201, description = "Created", body = doc::InstanceCreated),
+        (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
+        (status = 409, description = "An instance of that name exists (`INSTANCE_EXISTS`)", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 500, description = "The instance could not be saved (`STORE_ERROR`)", body = ErrorBody),
+    ),
+)]
 async fn create(State(state): State<AppState>, Json(value): Json<Value>) -> Result<impl IntoResponse, ApiError> {
     let body = parse_body(value)?;
     let name = body.name.clone().ok_or_else(|| invalid("missing field `name`"))?;
     create_from(&state, name, body).await
 }
 
+/// Create an instance named by the path (llamactl's form); a `name` in the body must match.
+#[utoipa::path(
+    post,
+    path = "/instances/{name}",
+    operation_id = "create_named_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The new instance's name")),
+    request_body = doc::InstanceBody,
+    responses(
+        (status = 201, description = "Created", body = doc::InstanceCreated),
+        (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
+        (status = 409, description = "An instance of that name exists (`INSTANCE_EXISTS`)", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 500, description = "The instance could not be saved (`STORE_ERROR`)", body = ErrorBody),
+    ),
+)]
 async fn create_named(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -159,6 +196,25 @@ async fn create_from(state: &AppState, name: String, body: Body) -> Result<(Stat
     Ok((StatusCode::CREATED, axum::Json(json!({ "message": "Instance created successfully", "instance": instance }))))
 }
 
+/// Change an instance: only the fields given change (options merge). Some changes apply at
+/// the next start; the answer says so.
+#[utoipa::path(
+    put,
+    path = "/instances/{name}",
+    operation_id = "update_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body = doc::InstanceBody,
+    responses(
+        (status = 200, description = "Updated", body = doc::InstanceUpdated),
+        (status = 400, description = "Invalid body, options or model, or a different name (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 409, description = "The change is not allowed in the instance's state", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
+    ),
+)]
 async fn update(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -175,30 +231,82 @@ async fn update(
     Ok(axum::Json(json!({ "message": message, "restart_required": restart_required, "instance": instance })))
 }
 
+/// All instances.
+#[utoipa::path(
+    get,
+    path = "/instances",
+    operation_id = "list_instances",
+    tag = "instances",
+    responses((status = 200, description = "Every instance", body = doc::InstanceList)),
+)]
 async fn list(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({ "instances": state.registry.list() }))
 }
 
+/// One instance: its spec, status, and while running its model and counters.
+#[utoipa::path(
+    get,
+    path = "/instances/{name}",
+    operation_id = "get_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "The instance", body = crate::instance::InstanceView),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+    ),
+)]
 async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(axum::Json(state.registry.get(&name)?))
 }
 
+/// Delete a stopped instance.
+#[utoipa::path(
+    delete,
+    path = "/instances/{name}",
+    operation_id = "delete_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "Deleted", body = doc::Message),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 409, description = "The instance is not stopped (`INSTANCE_RUNNING`, `INVALID_STATE`)", body = ErrorBody),
+        (status = 500, description = "The deletion could not be saved (`STORE_ERROR`)", body = ErrorBody),
+    ),
+)]
 async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     state.registry.delete(&name).await?;
     Ok(axum::Json(json!({ "message": "Instance deleted successfully" })))
 }
 
+/// Start an instance; the answer comes once the start is under way (status `starting`).
+#[utoipa::path(
+    post,
+    path = "/instances/{name}/start",
+    operation_id = "start_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "Start initiated", body = doc::StatusMessage),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 409, description = "Not startable now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = ErrorBody),
+        (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
+        (status = 503, description = "The start failed at once (`MODEL_LOAD_FAILED`)", body = ErrorBody),
+    ),
+)]
 async fn start(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let status = state.registry.start(&name).await?;
     Ok(axum::Json(json!({ "message": "Instance start initiated", "status": status })))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// How to stop; the body is optional (empty means the defaults).
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StopBody {
+    /// Cancel in-flight requests at once instead of letting them finish.
     #[serde(default)]
     force: bool,
-    /// Seconds in-flight requests may take to finish.
+    /// Seconds in-flight requests may take to finish (0 to 3600).
+    #[schema(minimum = 0, maximum = 3600)]
     timeout: Option<f64>,
 }
 
@@ -219,6 +327,23 @@ fn stop_mode(bytes: &[u8]) -> Result<StopMode, ApiError> {
     Ok(mode)
 }
 
+/// Stop an instance, letting in-flight requests finish (up to `timeout`) unless `force`.
+#[utoipa::path(
+    post,
+    path = "/instances/{name}/stop",
+    operation_id = "stop_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body(content = Option<StopBody>, description = "Optional; an empty body means the defaults"),
+    responses(
+        (status = 200, description = "Stopped, or stop initiated", body = doc::StatusMessage),
+        (status = 400, description = "Invalid body (`INVALID_REQUEST`)", body = ErrorBody),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 409, description = "Not running (`INVALID_STATE`)", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
+    ),
+)]
 async fn stop(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -229,6 +354,21 @@ async fn stop(
     Ok(axum::Json(json!({ "message": message, "status": status })))
 }
 
+/// Stop (letting requests finish) and start again.
+#[utoipa::path(
+    post,
+    path = "/instances/{name}/restart",
+    operation_id = "restart_instance",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "Restart initiated", body = doc::StatusMessage),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 409, description = "Not restartable now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = ErrorBody),
+        (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
+        (status = 503, description = "The start failed at once (`MODEL_LOAD_FAILED`)", body = ErrorBody),
+    ),
+)]
 async fn restart(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     let status = state.registry.restart(&name).await?;
     Ok(axum::Json(json!({ "message": "Instance restart initiated", "status": status })))
@@ -248,22 +388,75 @@ fn results(results: Vec<(String, Result<Status, InstanceError>)>) -> Value {
     json!({ "results": items })
 }
 
+/// Start every stopped or failed instance; each one's outcome is in `results`.
+#[utoipa::path(
+    post,
+    path = "/instances/start-all",
+    operation_id = "start_all_instances",
+    tag = "instances",
+    responses((status = 200, description = "Each instance's outcome", body = doc::BulkResults)),
+)]
 async fn start_all(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(results(state.registry.start_all().await))
 }
 
+/// Stop every running instance; each one's outcome is in `results`.
+#[utoipa::path(
+    post,
+    path = "/instances/stop-all",
+    operation_id = "stop_all_instances",
+    tag = "instances",
+    request_body(content = Option<StopBody>, description = "Optional; an empty body means the defaults"),
+    responses(
+        (status = 200, description = "Each instance's outcome", body = doc::BulkResults),
+        (status = 400, description = "Invalid body (`INVALID_REQUEST`)", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ),
+)]
 async fn stop_all(State(state): State<AppState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
     Ok(axum::Json(results(state.registry.stop_all(stop_mode(&body)?).await)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
+    /// How many of the latest lines (default 100).
     lines: Option<usize>,
+    /// The least severe level to include.
+    #[param(value_type = Option<LogLevel>, inline)]
     level: Option<String>,
+    /// Stream the lines, then every new one, as server-sent events.
     #[serde(default)]
     follow: bool,
 }
 
+/// Log levels, least severe first.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the values `level` takes
+enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// An instance's log: its lifecycle events and llama.cpp's own lines, newest last.
+#[utoipa::path(
+    get,
+    path = "/instances/{name}/logs",
+    operation_id = "get_instance_logs",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name"), LogQuery),
+    responses(
+        (status = 200, description = "The lines; with `follow=true` a server-sent event stream whose events each carry one `LogLine` as JSON", content(
+            (doc::LogList = "application/json"),
+            (doc::LogEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid query (`INVALID_REQUEST`)", body = ErrorBody),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+    ),
+)]
 async fn logs(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -304,6 +497,18 @@ async fn logs(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// Whether the instance's engine answers, and its port.
+#[utoipa::path(
+    get,
+    path = "/instances/{name}/health",
+    operation_id = "get_instance_health",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "The instance's health", body = crate::instance::Health),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+    ),
+)]
 async fn health(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
     Ok(axum::Json(state.registry.health(&name).await?))
 }

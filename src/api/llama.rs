@@ -7,17 +7,21 @@
 
 use std::convert::Infallible;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Router};
+use axum::Extension;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::error::{ApiError, OaiJson, OpenAiError};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::doc::{self, OpenAiErrorBody};
+use super::error::{ApiError, OaiJson, OaiQuery, OpenAiError};
 use super::oai_output::timings;
 use super::openai::{self, lookup, normalize, Pinned, PromptIn, PromptsIn};
 use super::params::{lora_scales, settings_json, GenerationFields, LoraScale};
@@ -30,23 +34,25 @@ use crate::instance::{InstanceError, Serving, Status};
 
 type LlamaResult<T> = Result<T, OpenAiError>;
 
-/// The routes, to be nested under a prefix that sets [`Pinned`] (or layered with it).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/props", get(props))
-        .route("/slots", get(slots))
-        .route("/slots/{id}", post(slot_action))
-        .route("/metrics", get(metrics))
-        .route("/completion", post(completion))
-        .route("/completions", post(completion))
-        .route("/infill", post(infill))
-        .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize))
-        .route("/embedding", post(embedding))
-        .route("/embeddings", post(embedding))
-        .route("/apply-template", post(apply_template))
-        .route("/lora-adapters", get(lora_adapters).post(set_lora_adapters))
+/// The routes, to be nested under a prefix that sets [`Pinned`] (or layered with it). The
+/// document lists them under `/api/instances/{name}/proxy`, where [`super::doc::finish`] adds
+/// the `name` parameter.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(props))
+        .routes(routes!(slots))
+        .routes(routes!(slot_action))
+        .routes(routes!(metrics))
+        .routes(routes!(completion))
+        .routes(routes!(completions))
+        .routes(routes!(infill))
+        .routes(routes!(tokenize))
+        .routes(routes!(detokenize))
+        .routes(routes!(embedding))
+        .routes(routes!(embeddings))
+        .routes(routes!(apply_template))
+        .routes(routes!(lora_adapters, set_lora_adapters))
         .nest("/v1", openai::routes())
 }
 
@@ -55,6 +61,18 @@ fn running(state: &AppState, name: &str) -> Result<Serving, ApiError> {
     state.registry.serving(name).map_err(ApiError::from)
 }
 
+/// llama-server's health: 200 while the instance runs, 503 while it loads or is stopped.
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "llama_health",
+    tag = "llama-server",
+    responses(
+        (status = 200, description = "The instance runs", body = doc::StatusOk),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is loading, stopped or failed", body = doc::LlamaUnavailable),
+    ),
+)]
 async fn health(State(state): State<AppState>, Extension(Pinned(name)): Extension<Pinned>) -> Response {
     let status = match state.registry.get(&name) {
         Ok(view) => view.status,
@@ -72,6 +90,18 @@ async fn health(State(state): State<AppState>, Extension(Pinned(name)): Extensio
     }
 }
 
+/// The running instance's properties: default settings, slots, context, template, tokens.
+#[utoipa::path(
+    get,
+    path = "/props",
+    operation_id = "llama_props",
+    tag = "llama-server",
+    responses(
+        (status = 200, description = "The instance's properties", body = doc::Props),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn props(State(state): State<AppState>, Extension(Pinned(name)): Extension<Pinned>) -> LlamaResult<Response> {
     let serving = running(&state, &name)?;
     let info = serving.engine.info();
@@ -121,20 +151,47 @@ fn slot_json(s: &SlotView) -> Value {
     })
 }
 
+/// The running instance's slots and what each is doing.
+#[utoipa::path(
+    get,
+    path = "/slots",
+    operation_id = "llama_slots",
+    tag = "llama-server",
+    responses(
+        (status = 200, description = "Each slot", body = Vec<doc::Slot>),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn slots(State(state): State<AppState>, Extension(Pinned(name)): Extension<Pinned>) -> LlamaResult<Response> {
     let serving = running(&state, &name)?;
     let views = serving.engine.slots().await.map_err(ApiError::from)?;
     Ok(axum::Json(views.iter().map(slot_json).collect::<Vec<_>>()).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SlotQuery {
+    /// What to do with the slot.
+    #[param(value_type = SlotActionKind, inline)]
     action: String,
 }
 
-#[derive(Deserialize, Default)]
+/// A slot action.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the values `action` takes
+enum SlotActionKind {
+    Save,
+    Restore,
+    Erase,
+}
+
+/// The file of `save` and `restore`, in the instance's slot directory.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SlotBody {
+    /// A plain file name: no path separators, not starting with a dot.
     filename: Option<String>,
 }
 
@@ -157,11 +214,29 @@ fn slot_file_name(name: Option<String>) -> Result<String, ApiError> {
     Ok(name)
 }
 
+/// Save a slot's KV cache to a file, restore it, or erase it.
+#[utoipa::path(
+    post,
+    path = "/slots/{id}",
+    operation_id = "llama_slot_action",
+    tag = "llama-server",
+    params(("id" = u32, Path, description = "The slot"), SlotQuery),
+    request_body(content = Option<SlotBody>, description = "`filename` for save and restore; optional for erase"),
+    responses(
+        (status = 200, description = "What the action did", body = doc::SlotActionResult),
+        (status = 400, description = "Invalid slot, action, file name or body, or the file could not be saved or restored", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The slot is processing a request (`SLOT_BUSY`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 500, description = "The slot directory could not be created (`SLOT_DIR`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn slot_action(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
     params: axum::extract::RawPathParams,
-    Query(query): Query<SlotQuery>,
+    OaiQuery(query): OaiQuery<SlotQuery>,
     body: axum::body::Bytes,
 ) -> LlamaResult<Response> {
     let serving = running(&state, &name)?;
@@ -211,6 +286,17 @@ async fn slot_action(
 }
 
 /// Prometheus text, under llama-server's metric names so its dashboards work.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "llama_metrics",
+    tag = "llama-server",
+    responses(
+        (status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain"),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn metrics(State(state): State<AppState>, Extension(Pinned(name)): Extension<Pinned>) -> LlamaResult<Response> {
     let serving = running(&state, &name)?;
     let s = serving.engine.stats();
@@ -251,21 +337,30 @@ async fn metrics(State(state): State<AppState>, Extension(Pinned(name)): Extensi
 }
 
 /// llama-server's native completion request.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(as = NativeCompletionRequest)]
 struct CompletionRequest {
     prompt: PromptIn,
     #[serde(flatten)]
     options: NativeOptions,
 }
 
-#[derive(Debug, Deserialize)]
+/// Options of llama-server's native generation routes.
+#[derive(Debug, Deserialize, ToSchema)]
 struct NativeOptions {
+    /// Most tokens to generate: -1 (default) = until the end of the slot's context, else 1 to
+    /// 1048576. Also accepted as `max_tokens`.
     #[serde(alias = "max_tokens")]
     n_predict: Option<i64>,
+    /// Answer with server-sent events: one object per token, the full response last.
     #[serde(default)]
     stream: bool,
+    /// Reuse the slot's cached prefix (default true).
     cache_prompt: Option<bool>,
+    /// Top probabilities per token (at most 100).
+    #[schema(maximum = 100)]
     n_probs: Option<u32>,
+    /// The slot to use; -1 (default) = any.
     id_slot: Option<i64>,
     #[serde(flatten)]
     generation: GenerationFields,
@@ -309,6 +404,28 @@ impl NativeOptions {
     }
 }
 
+/// llama-server's completion of `prompt`: one JSON body, or with `stream` server-sent events
+/// (one object per token, the full `NativeCompletion` last).
+#[utoipa::path(
+    post,
+    path = "/completion",
+    operation_id = "llama_completion",
+    tag = "llama-server",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream", content(
+            (doc::NativeCompletion = "application/json"),
+            (doc::NativeCompletionEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid request, e.g. a prompt over the context or bad parameters", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn completion(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -317,6 +434,35 @@ async fn completion(
     let serving = lookup(&state, &name).await?;
     let prompt = req.prompt.single()?;
     generate(serving.engine, name.to_string(), prompt, req.options).await
+}
+
+/// `/completions`: the same as `/completion`.
+#[utoipa::path(
+    post,
+    path = "/completions",
+    operation_id = "llama_completions",
+    tag = "llama-server",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream", content(
+            (doc::NativeCompletion = "application/json"),
+            (doc::NativeCompletionEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid request, e.g. a prompt over the context or bad parameters", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
+async fn completions(
+    state: State<AppState>,
+    pinned: Extension<Pinned>,
+    req: OaiJson<CompletionRequest>,
+) -> LlamaResult<Response> {
+    completion(state, pinned, req).await
 }
 
 /// Runs a native request: admitted before the response starts, then one JSON body or SSE.
@@ -436,12 +582,14 @@ fn native_stream(
     Sse::new(stream.boxed()).keep_alive(KeepAlive::default())
 }
 
-#[derive(Debug, Deserialize)]
+/// llama-server's fill-in-the-middle request: the model writes what goes between prefix and suffix.
+#[derive(Debug, Deserialize, ToSchema)]
 struct InfillRequest {
     #[serde(default)]
     input_prefix: String,
     #[serde(default)]
     input_suffix: String,
+    /// Not supported: must be empty.
     #[serde(default)]
     input_extra: Vec<Value>,
     /// Text after the middle marker (llama-server: the start of the middle).
@@ -451,6 +599,27 @@ struct InfillRequest {
     options: NativeOptions,
 }
 
+/// Fill in the middle, for models with FIM tokens (code models); answers like `/completion`.
+#[utoipa::path(
+    post,
+    path = "/infill",
+    operation_id = "llama_infill",
+    tag = "llama-server",
+    request_body = InfillRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream", content(
+            (doc::NativeCompletion = "application/json"),
+            (doc::NativeCompletionEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid request, or a model without fill-in-the-middle tokens", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn infill(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -486,17 +655,37 @@ async fn infill(
     generate(serving.engine.clone(), name.to_string(), Prompt::Tokens(tokens), req.options).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenizeRequest {
     content: String,
+    /// Add BOS and the like.
     #[serde(default)]
     add_special: bool,
+    /// Read special tokens' text as those tokens (default true).
     parse_special: Option<bool>,
+    /// Answer `{id, piece}` objects instead of ids.
     #[serde(default)]
     with_pieces: bool,
 }
 
+/// The instance's tokens of `content`.
+#[utoipa::path(
+    post,
+    path = "/tokenize",
+    operation_id = "llama_tokenize",
+    tag = "llama-server",
+    request_body = TokenizeRequest,
+    responses(
+        (status = 200, description = "The tokens", body = doc::Tokens),
+        (status = 400, description = "Invalid request", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn tokenize(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -523,12 +712,29 @@ async fn tokenize(
     Ok(axum::Json(json!({ "tokens": tokens })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DetokenizeRequest {
     tokens: Vec<i32>,
 }
 
+/// The text of token ids.
+#[utoipa::path(
+    post,
+    path = "/detokenize",
+    operation_id = "llama_detokenize",
+    tag = "llama-server",
+    request_body = DetokenizeRequest,
+    responses(
+        (status = 200, description = "The text", body = doc::Content),
+        (status = 400, description = "A token id outside the vocabulary (`INVALID_TOKEN`)", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn detokenize(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -539,15 +745,36 @@ async fn detokenize(
     Ok(axum::Json(json!({ "content": content })).into_response())
 }
 
-#[derive(Deserialize)]
+/// llama-server's embedding request.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NativeEmbeddingRequest)]
 struct EmbeddingRequest {
+    /// Also accepted as `input`.
     #[serde(alias = "input")]
     content: PromptsIn,
     /// llama-server's `embd_normalize`: 2 = Euclidean (default), -1 = none.
     embd_normalize: Option<i32>,
 }
 
+/// Embeddings of each input, normalized as `embd_normalize` says.
+#[utoipa::path(
+    post,
+    path = "/embedding",
+    operation_id = "llama_embedding",
+    tag = "llama-server",
+    request_body = EmbeddingRequest,
+    responses(
+        (status = 200, description = "One vector per input", body = Vec<doc::NativeEmbedding>),
+        (status = 400, description = "Invalid request, e.g. embeddings not enabled or an input too long", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "The engine failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn embedding(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -581,11 +808,54 @@ async fn embedding(
     Ok(axum::Json(items).into_response())
 }
 
-#[derive(Deserialize)]
+/// `/embeddings`: the same as `/embedding`.
+#[utoipa::path(
+    post,
+    path = "/embeddings",
+    operation_id = "llama_embeddings",
+    tag = "llama-server",
+    request_body = EmbeddingRequest,
+    responses(
+        (status = 200, description = "One vector per input", body = Vec<doc::NativeEmbedding>),
+        (status = 400, description = "Invalid request, e.g. embeddings not enabled or an input too long", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "The engine failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
+async fn embeddings(
+    state: State<AppState>,
+    pinned: Extension<Pinned>,
+    req: OaiJson<EmbeddingRequest>,
+) -> LlamaResult<Response> {
+    embedding(state, pinned, req).await
+}
+
+#[derive(Deserialize, ToSchema)]
 struct TemplateRequest {
     messages: Vec<openai::MessageIn>,
 }
 
+/// The prompt the instance's chat template makes of `messages`.
+#[utoipa::path(
+    post,
+    path = "/apply-template",
+    operation_id = "llama_apply_template",
+    tag = "llama-server",
+    request_body = TemplateRequest,
+    responses(
+        (status = 200, description = "The rendered prompt", body = doc::RenderedPrompt),
+        (status = 400, description = "Invalid messages, or the template could not render them", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn apply_template(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -606,6 +876,17 @@ fn lora_json(adapters: Vec<crate::engine::LoraSpec>) -> Response {
 }
 
 /// The instance's adapters (its `lora` option) and their current scales.
+#[utoipa::path(
+    get,
+    path = "/lora-adapters",
+    operation_id = "llama_lora_adapters",
+    tag = "llama-server",
+    responses(
+        (status = 200, description = "The adapters", body = Vec<doc::LoraAdapter>),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn lora_adapters(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
@@ -616,6 +897,21 @@ async fn lora_adapters(
 
 /// Sets the instance's scales (ids not given keep theirs); requests admitted from now on use
 /// them. Answers the new list.
+#[utoipa::path(
+    post,
+    path = "/lora-adapters",
+    operation_id = "llama_set_lora_adapters",
+    tag = "llama-server",
+    request_body = Vec<LoraScale>,
+    responses(
+        (status = 200, description = "The adapters with their new scales", body = Vec<doc::LoraAdapter>),
+        (status = 400, description = "An unknown adapter id or a scale that is not finite (`INVALID_LORA`, `INVALID_REQUEST`)", body = OpenAiErrorBody),
+        (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running (`INSTANCE_NOT_RUNNING`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn set_lora_adapters(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,

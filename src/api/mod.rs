@@ -12,11 +12,15 @@
 //!   rights and [`limits`] on every request.
 //! - [`ws`]: the WebSocket of live events.
 //! - [`error`]: the one error → response map, and JSON extractors that use it.
+//! - [`doc`]: the OpenAPI document (`/api/openapi.json`): every route module registers its
+//!   routes with `utoipa_axum::routes!`, so each route carries its `#[utoipa::path]`.
 //!
 //! [`app`] builds the router from an [`AppState`]; [`serve`] runs it until a shutdown future
 //! resolves. Both are library functions so tests can drive them on a port-0 listener.
+//! [`openapi`] is the document of the routes [`app`] serves.
 
 mod auth;
+pub mod doc;
 pub mod error;
 pub mod guard;
 pub mod instances;
@@ -32,13 +36,15 @@ mod ws;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::http::Uri;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::config::Config;
 use crate::instance::Registry;
@@ -88,21 +94,13 @@ impl AppState {
 
 pub fn app(state: AppState) -> Router {
     let cors = cors(&state.config.read().cors_origins);
-    let management = instances::routes()
-        .merge(system::routes())
-        .merge(Router::from(auth::routes()))
-        .merge(Router::from(ws::routes()));
-    // llama-server's routes of one instance, where llamactl proxies them.
-    let proxied = || llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path));
-    Router::new()
-        .nest("/api", management.clone())
+    let (router, document) = documented().split_for_parts();
+    DOCUMENT.get_or_init(|| doc::finish(document));
+    router
         // llamactl's own prefix, so its clients work unchanged.
-        .nest("/api/v1", management)
-        .nest("/api/instances/{name}/proxy", proxied())
-        .nest("/api/v1/instances/{name}/proxy", proxied())
-        .nest("/llama-cpp/{name}", proxied())
-        .nest("/v1", openai::routes().fallback(openai_not_found))
-        .merge(system::root_routes())
+        .nest("/api/v1", management().into())
+        .nest("/api/v1/instances/{name}/proxy", proxied().into())
+        .nest("/llama-cpp/{name}", proxied().into())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::authorize))
         .layer(axum::middleware::from_fn(guard::challenge))
@@ -130,6 +128,32 @@ fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
             HeaderName::from_static("x-ratelimit-reset"),
             header::RETRY_AFTER,
         ])
+}
+
+/// The canonical paths, documented. [`app`] adds the aliases, which serve the same handlers
+/// undocumented (the document's description names them).
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(doc::ApiDoc::openapi())
+        .nest("/api", management())
+        .nest(doc::PROXY_PREFIX, proxied())
+        .nest("/v1", openai::routes().fallback(openai_not_found))
+        .merge(system::root_routes())
+}
+
+fn management() -> OpenApiRouter<AppState> {
+    instances::routes().merge(system::routes()).merge(doc::routes()).merge(auth::routes()).merge(ws::routes())
+}
+
+/// llama-server's routes of one instance, where llamactl proxies them.
+fn proxied() -> OpenApiRouter<AppState> {
+    llama::routes().fallback(openai_not_found).layer(axum::middleware::from_fn(llama::pin_from_path))
+}
+
+static DOCUMENT: OnceLock<serde_json::Value> = OnceLock::new();
+
+/// The OpenAPI document of the routes [`app`] serves, made once.
+pub fn openapi() -> &'static serde_json::Value {
+    DOCUMENT.get_or_init(|| doc::finish(documented().into_openapi()))
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -175,7 +199,7 @@ async fn serve_instance_ports(state: AppState) {
             continue;
         }
         let Some((listener, mut status)) = state.registry.take_port(&change.name) else { continue };
-        let router = llama::routes()
+        let router = Router::from(llama::routes())
             .fallback(openai_not_found)
             .layer(axum::middleware::from_fn_with_state(state.clone(), guard::authorize_port))
             .layer(axum::middleware::from_fn(guard::challenge))

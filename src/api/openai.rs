@@ -13,12 +13,15 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::doc::{self, OpenAiErrorBody};
 use super::error::{ApiError, OaiJson, OpenAiError};
 use super::oai_output::{self, Kind, Output};
 use super::params::GenerationFields;
@@ -29,16 +32,25 @@ use crate::engine::chat::ChatMessage;
 use crate::engine::{Engine, GenerateRequest, Generation, Prompt};
 use crate::instance::{InstanceError, Serving};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/models", get(models))
-        .route("/chat/completions", post(chat_completions))
-        .route("/completions", post(completions))
-        .route("/embeddings", post(embeddings))
+/// The routes, each with its `#[utoipa::path]`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(models))
+        .routes(routes!(chat_completions))
+        .routes(routes!(completions))
+        .routes(routes!(embeddings))
 }
 
 type OaiResult<T> = Result<T, OpenAiError>;
 
+/// The instances, as models (`model` takes their names); under an instance's routes, that instance only.
+#[utoipa::path(
+    get,
+    path = "/models",
+    operation_id = "list_models",
+    tag = "openai",
+    responses((status = 200, description = "The models", body = doc::ModelList)),
+)]
 async fn models(State(state): State<AppState>, caller: Caller) -> impl IntoResponse {
     let data: Vec<Value> = state
         .registry
@@ -71,9 +83,12 @@ pub async fn lookup(state: &AppState, model: &str) -> Result<Serving, ApiError> 
 }
 
 /// Fields both generation routes share besides sampling.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 struct CommonFields {
+    /// Choices to generate (1 to 16), each in its own slot.
+    #[schema(minimum = 1, maximum = 16)]
     n: Option<u32>,
+    /// Answer with server-sent events.
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -81,8 +96,9 @@ struct CommonFields {
     generation: GenerationFields,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 struct StreamOptions {
+    /// End the stream with a chunk that carries `usage`.
     #[serde(default)]
     include_usage: bool,
 }
@@ -133,13 +149,21 @@ async fn respond(generations: Vec<Generation>, output: Output, stream: bool) -> 
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// OpenAI's chat completion request.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
+    /// The instance.
     model: String,
     messages: Vec<MessageIn>,
+    /// Most tokens to generate (default: until the end of the slot's context).
+    #[schema(minimum = 1)]
     max_tokens: Option<u32>,
+    /// Preferred over `max_tokens` when both are given.
+    #[schema(minimum = 1)]
     max_completion_tokens: Option<u32>,
     logprobs: Option<bool>,
+    /// Top log-probabilities per token (needs `logprobs`), at most 20.
+    #[schema(maximum = 20)]
     top_logprobs: Option<u32>,
     tools: Option<Vec<ToolIn>>,
     tool_choice: Option<ToolChoiceIn>,
@@ -148,25 +172,30 @@ pub struct ChatRequest {
     common: CommonFields,
 }
 
-#[derive(Debug, Deserialize)]
+/// A chat message.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct MessageIn {
+    /// `system`, `user`, `assistant`, `tool`, or any role the model's template knows.
     role: String,
     #[serde(default)]
     content: Option<ContentIn>,
+    /// An assistant turn's calls, OpenAI-shaped.
     tool_calls: Option<Vec<Value>>,
     tool_call_id: Option<String>,
     name: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Text, or content parts of which only `text` ones are supported.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 enum ContentIn {
     Text(String),
     Parts(Vec<PartIn>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct PartIn {
+    /// Only `text` is supported.
     #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
@@ -255,6 +284,28 @@ impl Caller {
     }
 }
 
+/// A chat completion of the instance named by `model`: one JSON body, or with `stream` server-sent
+/// events of `ChatCompletionChunk`s ending with `data: [DONE]`.
+#[utoipa::path(
+    post,
+    path = "/chat/completions",
+    operation_id = "create_chat_completion",
+    tag = "openai",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream", content(
+            (doc::ChatCompletion = "application/json"),
+            (doc::ChatCompletionEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid request, e.g. a prompt over the context or bad parameters", body = OpenAiErrorBody),
+        (status = 404, description = "No such model (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn chat_completions(
     State(state): State<AppState>,
     caller: Caller,
@@ -334,20 +385,28 @@ fn render_chat(
     })
 }
 
-#[derive(Debug, Deserialize)]
+/// OpenAI's (legacy) completion request.
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
+    /// The instance.
     model: String,
     prompt: PromptIn,
+    /// Most tokens to generate (default 16).
+    #[schema(minimum = 1)]
     max_tokens: Option<u32>,
-    /// OpenAI's legacy completions: how many top log-probabilities per token.
+    /// OpenAI's legacy completions: how many top log-probabilities per token (at most 5).
+    #[schema(maximum = 5)]
     logprobs: Option<u32>,
+    /// Not supported: `true` is refused.
     echo: Option<bool>,
+    /// Not supported here (use the instance's `/infill`): refused.
     suffix: Option<String>,
     #[serde(flatten)]
     common: CommonFields,
 }
 
-#[derive(Debug, Deserialize)]
+/// One prompt: a text, token ids, or a list of exactly one text.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptIn {
     Text(String),
@@ -374,6 +433,28 @@ const DEFAULT_COMPLETION_TOKENS: u32 = 16;
 /// OpenAI's limit on completions' `logprobs`.
 const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
+/// A completion of `prompt` by the instance named by `model`: one JSON body, or with `stream`
+/// server-sent events of `Completion` chunks ending with `data: [DONE]`.
+#[utoipa::path(
+    post,
+    path = "/completions",
+    operation_id = "create_completion",
+    tag = "openai",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or its stream", content(
+            (doc::Completion = "application/json"),
+            (doc::CompletionEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Invalid request, e.g. a prompt over the context or bad parameters", body = OpenAiErrorBody),
+        (status = 404, description = "No such model (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn completions(
     State(state): State<AppState>,
     caller: Caller,
@@ -408,19 +489,32 @@ async fn completions(
     respond(generations, output, stream).await
 }
 
-#[derive(Debug, Deserialize)]
+/// OpenAI's embeddings request.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddingRequest {
+    /// The instance (its `embeddings` option must be on).
     model: String,
     input: PromptsIn,
+    /// `float` (default) or `base64`.
+    #[schema(value_type = Option<EncodingFormat>)]
     encoding_format: Option<String>,
     /// Accepted for compatibility; vectors always have the model's size.
     dimensions: Option<u32>,
     user: Option<String>,
 }
 
-/// One input or several; each a text or a list of token ids.
-#[derive(Debug, Deserialize)]
+/// How embedding vectors are encoded.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // documents the values `encoding_format` takes
+enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+/// One input or several (at most 2048, none empty); each a text or a list of token ids.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptsIn {
     Text(String),
@@ -468,6 +562,24 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// Embeddings of each input by the instance named by `model`, L2-normalized.
+#[utoipa::path(
+    post,
+    path = "/embeddings",
+    operation_id = "create_embeddings",
+    tag = "openai",
+    request_body = EmbeddingRequest,
+    responses(
+        (status = 200, description = "One vector per input", body = doc::EmbeddingList),
+        (status = 400, description = "Invalid request, e.g. embeddings not enabled or an input too long", body = OpenAiErrorBody),
+        (status = 404, description = "No such model (`MODEL_NOT_FOUND`)", body = OpenAiErrorBody),
+        (status = 409, description = "The instance cannot start now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = OpenAiErrorBody),
+        (status = 413, description = "The body is too large", body = OpenAiErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = OpenAiErrorBody),
+        (status = 500, description = "The engine failed", body = OpenAiErrorBody),
+        (status = 503, description = "The instance is not running or is overloaded (`INSTANCE_NOT_RUNNING`, `OVERLOADED`, `START_TIMEOUT`, `MODEL_LOAD_FAILED`)", body = OpenAiErrorBody),
+    ),
+)]
 async fn embeddings(
     State(state): State<AppState>,
     caller: Caller,

@@ -3,12 +3,14 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 use crate::engine::{Engine, GenerateRequest, Prompt, SamplingParams};
 
-/// Sampling and constraint fields, under both OpenAI's and llama-server's names.
-#[derive(Debug, Default, Deserialize)]
+/// Sampling and constraint fields, under both OpenAI's and llama-server's names. Values out of
+/// range are refused with 400 naming the field.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct GenerationFields {
     temperature: Option<f32>,
     dynatemp_range: Option<f32>,
@@ -32,7 +34,9 @@ pub struct GenerationFields {
     dry_allowed_length: Option<i32>,
     dry_penalty_last_n: Option<i32>,
     dry_sequence_breakers: Option<Vec<String>>,
+    /// A fixed seed (fits in 32 bits); negative = random.
     seed: Option<i64>,
+    /// At most 16 stop strings.
     stop: Option<StopField>,
     logit_bias: Option<LogitBiasIn>,
     /// GBNF (llama-server).
@@ -47,7 +51,8 @@ pub struct GenerationFields {
     lora: Option<Vec<LoraScale>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A LoRA adapter's scale, by the adapter's id.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraScale {
     pub id: i64,
@@ -68,7 +73,7 @@ pub fn lora_scales(scales: Vec<LoraScale>) -> Result<Vec<(u32, f32)>, ApiError> 
         .collect()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 enum StopField {
     One(String),
@@ -76,21 +81,23 @@ enum StopField {
 }
 
 /// OpenAI's `{"<token id>": bias}` or llama-server's `[[token id | text, bias | false], …]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 enum LogitBiasIn {
+    #[schema(value_type = std::collections::BTreeMap<String, BiasIn>)]
     Map(serde_json::Map<String, Value>),
     Pairs(Vec<(TokenOrText, BiasIn)>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 enum TokenOrText {
     Token(i32),
     Text(String),
 }
 
-#[derive(Debug, Deserialize)]
+/// A bias between -100 and 100, or `false` to ban the token.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 enum BiasIn {
     Value(f32),
@@ -98,7 +105,8 @@ enum BiasIn {
     Ban(bool),
 }
 
-#[derive(Debug, Deserialize)]
+/// `type` is `text`, `json_object` or `json_schema`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResponseFormat {
     #[serde(rename = "type")]
@@ -107,7 +115,7 @@ struct ResponseFormat {
     schema: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 struct JsonSchemaFormat {
     #[serde(default)]
     schema: Option<Value>,

@@ -4,31 +4,34 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use parking_lot::Mutex;
 use serde_json::json;
 use sysinfo::{Disks, Pid, ProcessesToUpdate, System};
 
 use axum::http::StatusCode;
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::doc::{self, ErrorBody};
 use super::error::{ApiError, Json};
 use super::AppState;
 use crate::build;
 use crate::config::ConfigPatch;
 use crate::instance::Status;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/system/info", get(info))
-        .route("/system/status", get(status))
-        .route("/system/alerts", get(alerts))
-        .route("/config", get(config).put(update_config))
+/// The routes under `/api`, each with its `#[utoipa::path]`.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(info))
+        .routes(routes!(status))
+        .routes(routes!(alerts))
+        .routes(routes!(config, update_config))
 }
 
 /// Routes outside `/api`.
-pub fn root_routes() -> Router<AppState> {
-    Router::new().route("/health", get(health))
+pub fn root_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(health))
 }
 
 /// One `sysinfo::System` kept between calls: CPU usage is the change since the previous refresh.
@@ -74,6 +77,14 @@ impl SystemProbe {
     }
 }
 
+/// What paddock runs on, and which build it is.
+#[utoipa::path(
+    get,
+    path = "/system/info",
+    operation_id = "get_system_info",
+    tag = "system",
+    responses((status = 200, description = "Host and build information", body = doc::SystemInfo)),
+)]
 async fn info(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({
         "hostname": System::host_name().unwrap_or_default(),
@@ -88,6 +99,17 @@ async fn info(State(state): State<AppState>) -> impl IntoResponse {
     }))
 }
 
+/// Instances by status, alerts, and resource use.
+#[utoipa::path(
+    get,
+    path = "/system/status",
+    operation_id = "get_system_status",
+    tag = "system",
+    responses(
+        (status = 200, description = "The server's status", body = doc::SystemStatus),
+        (status = 500, description = "The resource probe failed (`INTERNAL`)", body = ErrorBody),
+    ),
+)]
 async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let instances = state.registry.list();
     let count = |s: Status| instances.iter().filter(|i| i.status == s).count();
@@ -120,17 +142,46 @@ async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
 }
 
 /// Alerts raised since paddock started (the latest 100), oldest first.
+#[utoipa::path(
+    get,
+    path = "/system/alerts",
+    operation_id = "list_alerts",
+    tag = "system",
+    responses((status = 200, description = "The alerts", body = doc::AlertList)),
+)]
 async fn alerts(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({ "alerts": state.registry.alerts() }))
 }
 
 /// The effective configuration (paddock has no secrets in it yet).
+#[utoipa::path(
+    get,
+    path = "/config",
+    operation_id = "get_config",
+    tag = "system",
+    responses((status = 200, description = "The configuration in effect", body = crate::config::Config)),
+)]
 async fn config(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!(state.config.read().redacted()))
 }
 
 /// Validates a partial change, saves it to the config file, applies what can apply live, and
 /// says which changes wait for a restart of paddock.
+#[utoipa::path(
+    put,
+    path = "/config",
+    operation_id = "update_config",
+    tag = "system",
+    request_body = crate::config::ConfigPatch,
+    responses(
+        (status = 200, description = "Saved; `applied` and `restart_required` say when each change takes effect", body = doc::ConfigUpdated),
+        (status = 400, description = "Invalid configuration, or not JSON (`INVALID_CONFIG`, `INVALID_JSON`)", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 422, description = "A field has the wrong type or is unknown (`INVALID_JSON`)", body = ErrorBody),
+        (status = 500, description = "The file could not be written (`CONFIG_SAVE_FAILED`)", body = ErrorBody),
+    ),
+)]
 async fn update_config(
     State(state): State<AppState>,
     Json(patch): Json<ConfigPatch>,
@@ -164,6 +215,15 @@ async fn update_config(
     ))
 }
 
+/// Liveness: answers while the server runs.
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "system",
+    security(()),
+    responses((status = 200, description = "The server is up", body = doc::StatusOk)),
+)]
 async fn health() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }

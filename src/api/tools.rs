@@ -8,9 +8,10 @@
 
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// One entry of the request's `tools`; not `deny_unknown_fields`, because clients extend it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ToolIn {
     /// Only `"function"` exists; any other type is refused while the body is read.
     #[serde(rename = "type")]
@@ -20,14 +21,14 @@ pub struct ToolIn {
 }
 
 /// The one tool type OpenAI chat completions define.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FunctionKind {
     Function,
 }
 
 /// OpenAI's function object; closed, so typos (`paramters`) are refused rather than silently ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionIn {
     pub name: String,
@@ -39,7 +40,7 @@ pub struct FunctionIn {
 }
 
 /// The request's `tool_choice`: a mode string or a named function.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(
     untagged,
     expecting = r#"tool_choice must be "none", "auto", "required" or {"type":"function","function":{"name":"..."}}"#
@@ -50,7 +51,7 @@ pub enum ToolChoiceIn {
 }
 
 /// The string forms of `tool_choice`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ToolMode {
     None,
@@ -59,7 +60,7 @@ pub enum ToolMode {
 }
 
 /// `{"type":"function","function":{"name":...}}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NamedChoice {
     #[serde(rename = "type")]
@@ -69,7 +70,7 @@ pub struct NamedChoice {
 }
 
 /// The function named by a [`NamedChoice`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NamedFunction {
     pub name: String,

@@ -42,8 +42,8 @@ const PROTOCOL: &str = "paddock";
 #[utoipa::path(get, path = "/ws", tag = "system",
     params(("token" = Option<String>, Query, description = "Credential, for clients that cannot set headers")),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, description = "Not a WebSocket handshake", body = super::error::ErrorBody),
-        (status = 401, body = super::error::ErrorBody)))]
+        (status = 400, description = "Not a WebSocket handshake", body = super::doc::ErrorBody),
+        (status = 401, body = super::doc::ErrorBody)))]
 async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
     upgrade.protocols([PROTOCOL]).on_upgrade(move |socket| run(socket, state))
 }

@@ -70,7 +70,7 @@ pub struct LoraSpec {
 }
 
 /// What the engine tells the world once the model is loaded.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub n_ctx: u32,
     /// Context each slot may use: prompt + generated tokens.
@@ -326,7 +326,7 @@ pub struct EngineStats {
     pub thread_id: AtomicU64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StatsSnapshot {
     pub requests_total: u64,
     pub prompt_tokens_total: u64,

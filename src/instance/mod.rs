@@ -79,14 +79,14 @@ pub enum InstanceError {
 /// How long a health check waits for the engine loop to answer.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Health {
     pub status: &'static str,
     pub checks: HealthChecks,
     pub last_check: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HealthChecks {
     /// The engine thread's state.
     pub process: &'static str,
@@ -119,7 +119,7 @@ pub enum RegistryEvent {
 }
 
 /// What GET returns for an instance.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InstanceView {
     pub name: String,
     pub status: Status,
@@ -147,7 +147,7 @@ pub struct InstanceView {
     pub stats: Option<InstanceStats>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InstanceStats {
     /// Bytes of model weights (the context's KV cache comes on top).
     pub memory_usage: u64,
@@ -260,7 +260,7 @@ impl Entry {
 }
 
 /// Something an operator must act on, e.g. an instance that auto-restart gave up on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Alert {
     pub level: AlertLevel,
     pub time: DateTime<Utc>,
@@ -268,7 +268,7 @@ pub struct Alert {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AlertLevel {
     Warning,

@@ -12,7 +12,7 @@ use crate::logs::LogBuffer;
 
 /// Options of an instance. Every field is optional; unset fields take the defaults below.
 /// Unknown names are refused (with the list of known ones) rather than silently ignored.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceOptions {
     /// Total context in tokens, shared by the slots (each gets context_size / parallel).
@@ -49,9 +49,10 @@ pub struct InstanceOptions {
     pub lora: Option<Vec<LoraOption>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoraOption {
+    #[schema(value_type = String)]
     pub path: PathBuf,
     #[serde(default = "full_scale")]
     pub scale: f32,
@@ -64,7 +65,7 @@ fn full_scale() -> f32 {
 /// Most LoRA adapters one instance loads.
 const MAX_LORA: usize = 16;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FlashAttn {
     On,

@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 use super::options::InstanceOptions;
 
 /// Where the model comes from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum ModelSource {
     Path {
+        #[schema(value_type = String)]
         model_path: PathBuf,
     },
     /// Resolved by the model store once it exists; until then such an instance cannot start.
@@ -23,7 +24,7 @@ pub enum ModelSource {
 }
 
 /// How the supervisor treats the instance. Defaults as llamactl's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Restart an engine that dies or fails to load.

@@ -6,4 +6,5 @@ mod common;
 mod generation;
 mod llama_routes;
 mod management;
+mod openapi;
 mod supervision;
