@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::doc::{self, ErrorBody};
-use super::error::{ApiError, Json, Query};
+use super::error::{ApiError, Json, Path, Query};
 use super::AppState;
 use crate::instance::{
     InstanceError, InstanceOptions, InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch, Status, StopMode,
