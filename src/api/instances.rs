@@ -315,7 +315,8 @@ fn stop_mode(bytes: &[u8]) -> Result<StopMode, ApiError> {
     let body: StopBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         StopBody::default()
     } else {
-        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?
+        // `null` means the defaults too, as the document's optional body says.
+        serde_json::from_slice::<Option<StopBody>>(bytes).map_err(|e| invalid(e.to_string()))?.unwrap_or_default()
     };
     let mut mode = StopMode { force: body.force, ..StopMode::default() };
     if let Some(t) = body.timeout {

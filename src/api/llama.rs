@@ -246,9 +246,12 @@ async fn slot_action(
     let body: SlotBody = if body.iter().all(u8::is_ascii_whitespace) {
         SlotBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", "Invalid request body").with_details(e.to_string())
-        })?
+        serde_json::from_slice::<Option<SlotBody>>(&body)
+            .map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", "Invalid request body")
+                    .with_details(e.to_string())
+            })?
+            .unwrap_or_default()
     };
     let dir = state.config.read().data_dir.join("slots").join(&*name);
     let file = |body: SlotBody| -> Result<(String, std::path::PathBuf), ApiError> {

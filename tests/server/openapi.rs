@@ -268,6 +268,9 @@ async fn extractor_rejections_answer_in_the_documented_shapes() {
         assert_eq!(body["code"], "INVALID_PATH", "{path}: {body}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{path}: {body}");
     }
+    // The optional bodies the document declares nullable take `null` as the defaults.
+    let (status, body) = s.post("/api/instances/ghost/stop", Value::Null).await;
+    assert_eq!((status, &body["code"]), (404, &json!("INSTANCE_NOT_FOUND")), "a null stop body: {body}");
     let (status, body) = s.post("/api/instances/ghost/proxy/slots/0", json!({})).await;
     assert_eq!((status, &body["code"]), (400, &json!("INVALID_QUERY")), "no action: {body}");
     assert!(body["error"]["message"].is_string(), "{body}");
