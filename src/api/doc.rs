@@ -94,8 +94,34 @@ async fn openapi_json() -> impl IntoResponse {
 pub fn finish(doc: utoipa::openapi::OpenApi) -> Value {
     let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serializes");
     proxied_operations(&mut doc);
+    path_errors(&mut doc);
     open_composed_schemas(&mut doc);
     doc
+}
+
+/// A path parameter that does not decode (invalid UTF-8 after percent-decoding) is refused by
+/// the extractor before the handler runs, with 400 `INVALID_PATH`: every operation with path
+/// parameters says so.
+fn path_errors(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
+    const WHY: &str = "a path parameter that does not decode (`INVALID_PATH`)";
+    for (path, item) in paths.iter_mut().filter(|(p, _)| p.contains('{')) {
+        let management = path.starts_with("/api/") && !path.starts_with(PROXY_PREFIX);
+        let body = if management { "ErrorBody" } else { "OpenAiErrorBody" };
+        for op in item.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else { continue };
+            match responses.get_mut("400").and_then(|r| r.get_mut("description")) {
+                Some(Value::String(d)) => *d = format!("{d}; or {WHY}"),
+                _ => {
+                    let response = json!({
+                        "description": format!("Invalid path: {WHY}"),
+                        "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{body}") } } },
+                    });
+                    responses.insert("400".into(), response);
+                }
+            }
+        }
+    }
 }
 
 /// Operations under [`PROXY_PREFIX`] come from handlers that also serve an instance's own port,

@@ -4,7 +4,7 @@
 //! OpenAI's `{"error":{"message","type","param","code"}}`, which its clients parse. Both come
 //! from the same [`ApiError`], so a status code is decided in one place.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection, RawPathParamsRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -244,5 +244,31 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for OaiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let query = axum::extract::Query::<T>::from_request_parts(parts, state).await;
         query.map(|q| OaiQuery(q.0)).map_err(|e| OpenAiError(query_rejection(e)))
+    }
+}
+
+/// `axum::extract::Path`, but a path segment that does not decode (e.g. invalid UTF-8) becomes
+/// an [`ApiError`] in our format.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state).await.map(|p| Path(p.0)).map_err(
+            |e: PathRejection| ApiError::new(e.status(), "INVALID_PATH", "Invalid path").with_details(e.body_text()),
+        )
+    }
+}
+
+/// `axum::extract::RawPathParams` for llama-server routes: a bad path is an OpenAI error.
+pub struct OaiRawPathParams(pub axum::extract::RawPathParams);
+
+impl<S: Send + Sync> FromRequestParts<S> for OaiRawPathParams {
+    type Rejection = OpenAiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state).await;
+        params.map(OaiRawPathParams).map_err(|e: RawPathParamsRejection| {
+            OpenAiError(ApiError::new(e.status(), "INVALID_PATH", "Invalid path").with_details(e.body_text()))
+        })
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse;
@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::doc::{self, ErrorBody};
-use super::error::{ApiError, Json, Query};
+use super::error::{ApiError, Json, Path, Query};
 use super::AppState;
 use crate::instance::{
     InstanceError, InstanceOptions, InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch, Status, StopMode,
@@ -315,7 +315,8 @@ fn stop_mode(bytes: &[u8]) -> Result<StopMode, ApiError> {
     let body: StopBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         StopBody::default()
     } else {
-        serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?
+        // `null` means the defaults too, as the document's optional body says.
+        serde_json::from_slice::<Option<StopBody>>(bytes).map_err(|e| invalid(e.to_string()))?.unwrap_or_default()
     };
     let mut mode = StopMode { force: body.force, ..StopMode::default() };
     if let Some(t) = body.timeout {

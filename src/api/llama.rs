@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::doc::{self, OpenAiErrorBody};
-use super::error::{ApiError, OaiJson, OaiQuery, OpenAiError};
+use super::error::{ApiError, OaiJson, OaiQuery, OaiRawPathParams, OpenAiError};
 use super::oai_output::timings;
 use super::openai::{self, lookup, normalize, Pinned, PromptIn, PromptsIn};
 use super::params::{lora_scales, settings_json, GenerationFields, LoraScale};
@@ -235,7 +235,7 @@ fn slot_file_name(name: Option<String>) -> Result<String, ApiError> {
 async fn slot_action(
     State(state): State<AppState>,
     Extension(Pinned(name)): Extension<Pinned>,
-    params: axum::extract::RawPathParams,
+    OaiRawPathParams(params): OaiRawPathParams,
     OaiQuery(query): OaiQuery<SlotQuery>,
     body: axum::body::Bytes,
 ) -> LlamaResult<Response> {
@@ -246,9 +246,12 @@ async fn slot_action(
     let body: SlotBody = if body.iter().all(u8::is_ascii_whitespace) {
         SlotBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", "Invalid request body").with_details(e.to_string())
-        })?
+        serde_json::from_slice::<Option<SlotBody>>(&body)
+            .map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "INVALID_JSON", "Invalid request body")
+                    .with_details(e.to_string())
+            })?
+            .unwrap_or_default()
     };
     let dir = state.config.read().data_dir.join("slots").join(&*name);
     let file = |body: SlotBody| -> Result<(String, std::path::PathBuf), ApiError> {
@@ -925,7 +928,7 @@ async fn set_lora_adapters(
 /// Reads the instance name of a proxied path (`…/instances/{name}/proxy/…`, `/llama-cpp/{name}/…`)
 /// and pins the request to it.
 pub async fn pin_from_path(
-    params: axum::extract::RawPathParams,
+    OaiRawPathParams(params): OaiRawPathParams,
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {

@@ -16,18 +16,24 @@ use crate::logs::LogBuffer;
 #[serde(deny_unknown_fields)]
 pub struct InstanceOptions {
     /// Total context in tokens, shared by the slots (each gets context_size / parallel).
+    /// Also accepted as `ctx_size`, `n_ctx`.
     #[serde(alias = "ctx_size", alias = "n_ctx", skip_serializing_if = "Option::is_none")]
     pub context_size: Option<u32>,
+    /// Also accepted as `n_threads`.
     #[serde(alias = "n_threads", skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// Also accepted as `n_threads_batch`.
     #[serde(alias = "n_threads_batch", skip_serializing_if = "Option::is_none")]
     pub threads_batch: Option<u32>,
     /// Layers offloaded to a GPU; -1 (the default) = all, a no-op on CPU-only builds.
+    /// Also accepted as `n_gpu_layers`, `ngl`.
     #[serde(alias = "n_gpu_layers", alias = "ngl", skip_serializing_if = "Option::is_none")]
     pub gpu_layers: Option<i64>,
     /// Slots decoded together (llama-server's `-np`).
+    /// Also accepted as `n_parallel`, `np`.
     #[serde(alias = "n_parallel", alias = "np", skip_serializing_if = "Option::is_none")]
     pub parallel: Option<u32>,
+    /// Also accepted as `n_batch`, `batch`.
     #[serde(alias = "n_batch", alias = "batch", skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
     /// Requests that may wait for a slot before new ones are refused with 503.
@@ -37,10 +43,12 @@ pub struct InstanceOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed: Option<i64>,
     /// llama-server's `--flash-attn on|off|auto` (default auto).
+    /// Also accepted as `fa`.
     #[serde(alias = "fa", skip_serializing_if = "Option::is_none")]
     pub flash_attn: Option<FlashAttn>,
     /// Serve `/v1/embeddings` too (llama-server's `--embeddings`). Unlike llama-server, the
     /// instance keeps generating: embeddings get their own context, made on first use.
+    /// Also accepted as `embedding`.
     #[serde(alias = "embedding", skip_serializing_if = "Option::is_none")]
     pub embeddings: Option<bool>,
     /// LoRA adapters (GGUF) loaded with the model, by id = position; llama-server's `--lora`

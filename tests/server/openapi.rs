@@ -247,3 +247,31 @@ fn routes_are_registered_only_with_their_documentation() {
     }
     assert!(files >= 8, "read {files} files of {}", dir.display());
 }
+
+/// Requests the extractors refuse before a handler runs still get the documented JSON errors.
+#[tokio::test]
+async fn extractor_rejections_answer_in_the_documented_shapes() {
+    let s = server();
+    for (path, code) in [
+        ("/api/instances/%FF", "INVALID_PATH"),
+        ("/api/v1/instances/%FF/logs", "INVALID_PATH"),
+        ("/api/instances/ghost/logs?lines=many", "INVALID_QUERY"),
+    ] {
+        let (status, body) = s.get(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], code, "{path}: {body}");
+        assert!(body["error"].is_string() && body["details"].is_string(), "{path}: {body}");
+    }
+    for path in ["/api/instances/%FF/proxy/slots/0?action=erase", "/llama-cpp/ghost/slots/%FF?action=erase"] {
+        let (status, body) = s.post(path, json!({})).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["code"], "INVALID_PATH", "{path}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{path}: {body}");
+    }
+    // The optional bodies the document declares nullable take `null` as the defaults.
+    let (status, body) = s.post("/api/instances/ghost/stop", Value::Null).await;
+    assert_eq!((status, &body["code"]), (404, &json!("INSTANCE_NOT_FOUND")), "a null stop body: {body}");
+    let (status, body) = s.post("/api/instances/ghost/proxy/slots/0", json!({})).await;
+    assert_eq!((status, &body["code"]), (400, &json!("INVALID_QUERY")), "no action: {body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+}
