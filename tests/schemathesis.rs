@@ -22,6 +22,10 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// 503 is how paddock says an instance is not running, loading, or overloaded; the fuzzer
 /// provokes those itself (e.g. `stop-all`). Any other 5xx is a bug.
 const CONFIG: &str = r#"
+# The run is authenticated as the admin (a header); no signing up through the API.
+[auth]
+auto-signup = false
+
 [checks.not_a_server_error]
 expected-statuses = ["1xx", "2xx", "3xx", "4xx", "503"]
 
@@ -42,7 +46,15 @@ parameters = { "path.name" = "fuzz" }
 async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let python = std::env::var_os("PADDOCK_TEST_PYTHON")
         .expect("PADDOCK_TEST_PYTHON must name a python with schemathesis: run the tests through scripts/test");
-    let s = common::spawn_server(|_| {});
+    // Auth on, and the fuzzer an admin: what it does to users and keys cannot turn auth on
+    // half-way and leave the rest of the run at 401.
+    let s = common::spawn_server(|c| c.auth.admin_password = Some("fuzzing admin".into()));
+    let login = json!({ "username": "admin", "password": "fuzzing admin" });
+    let (status, body) = s.post("/api/auth/login", login).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap();
+    let authorization = format!("Authorization: Bearer {token}");
+    let s = s.with_token(token);
     // 256 tokens (llama.cpp's smallest context) over 8 slots: at most 32 tokens per generation.
     s.running_instance("fuzz", json!({ "context_size": 256, "parallel": 8, "threads": 2, "embeddings": true })).await;
 
@@ -62,6 +74,7 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
         ])
         .args(["--max-examples", &MAX_EXAMPLES.to_string(), "--seed", "1", "--request-timeout", "60"])
         .args(["--workers", "2", "--no-color"])
+        .args(["--header", &authorization])
         // Hypothesis keeps its example database in the working directory.
         .current_dir(dir.path())
         .env("NO_COLOR", "1")

@@ -32,7 +32,10 @@ pub struct LoginRequest {
 
 /// Exchanges a username and password for a login token.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", security(()), request_body = LoginRequest,
-    responses((status = 200, body = IssuedToken), (status = 400, body = super::doc::ErrorBody),
+    responses((status = 413, description = "The body is too large", body = super::doc::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::doc::ErrorBody),
+        (status = 422, description = "A field is missing, unknown or of the wrong type (`INVALID_JSON`)", body = super::doc::ErrorBody),
+        (status = 200, body = IssuedToken), (status = 400, body = super::doc::ErrorBody),
         (status = 401, description = "Wrong username or password", body = super::doc::ErrorBody),
         (status = 429, description = "Too many attempts", body = super::doc::ErrorBody)))]
 async fn login(
@@ -65,7 +68,10 @@ async fn list_users(State(state): State<AppState>) -> axum::Json<Vec<UserView>> 
 /// Creates a user (admins only; on an open loopback server the first user must be an admin,
 /// and creating it turns auth on).
 #[utoipa::path(post, path = "/auth/users", tag = "auth", request_body = NewUser,
-    responses((status = 201, body = UserView), (status = 400, body = super::doc::ErrorBody),
+    responses((status = 413, description = "The body is too large", body = super::doc::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::doc::ErrorBody),
+        (status = 422, description = "A field is missing, unknown or of the wrong type (`INVALID_JSON`)", body = super::doc::ErrorBody),
+        (status = 201, body = UserView), (status = 400, body = super::doc::ErrorBody),
         (status = 401, body = super::doc::ErrorBody), (status = 403, body = super::doc::ErrorBody),
         (status = 409, description = "The name is taken, or the first user is not an admin", body = super::doc::ErrorBody)))]
 async fn create_user(State(state): State<AppState>, Json(body): Json<NewUser>) -> Result<impl IntoResponse, ApiError> {
@@ -93,7 +99,10 @@ async fn list_keys(State(state): State<AppState>) -> axum::Json<Vec<KeyView>> {
 
 /// Creates an API key; the answer's `key` is the only time it is shown.
 #[utoipa::path(post, path = "/auth/keys", tag = "auth", request_body = NewKey,
-    responses((status = 201, body = KeyView), (status = 400, body = super::doc::ErrorBody),
+    responses((status = 413, description = "The body is too large", body = super::doc::ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = super::doc::ErrorBody),
+        (status = 422, description = "A field is missing, unknown or of the wrong type (`INVALID_JSON`)", body = super::doc::ErrorBody),
+        (status = 201, body = KeyView), (status = 400, body = super::doc::ErrorBody),
         (status = 401, body = super::doc::ErrorBody), (status = 403, body = super::doc::ErrorBody),
         (status = 409, description = "The first credential is not an admin key", body = super::doc::ErrorBody)))]
 async fn create_key(

@@ -95,6 +95,7 @@ pub fn finish(doc: utoipa::openapi::OpenApi) -> Value {
     let mut doc = serde_json::to_value(doc).expect("the OpenAPI document serializes");
     proxied_operations(&mut doc);
     path_errors(&mut doc);
+    guard_errors(&mut doc);
     open_composed_schemas(&mut doc);
     doc
 }
@@ -119,6 +120,38 @@ fn path_errors(doc: &mut Value) {
                     });
                     responses.insert("400".into(), response);
                 }
+            }
+        }
+    }
+}
+
+/// The guard ([`super::guard`]) answers before any handler: 401 without valid credentials and
+/// 403 without the right on every operation that is not public, and 429 past a rate limit on
+/// every operation but `/health`. Each operation says so, in its route's error shape.
+fn guard_errors(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else { return };
+    for (path, item) in paths.iter_mut() {
+        let management = path.starts_with("/api/") && !path.starts_with(PROXY_PREFIX);
+        let body = if management { "ErrorBody" } else { "OpenAiErrorBody" };
+        let response = |description: &str| {
+            json!({
+                "description": description,
+                "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{body}") } } },
+            })
+        };
+        for op in item.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+            let public = op["security"].as_array().is_some_and(|s| s.iter().all(|r| r == &json!({})));
+            let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else { continue };
+            if !public {
+                responses
+                    .entry("401")
+                    .or_insert_with(|| response("No, invalid or expired credentials (`UNAUTHORIZED`)"));
+                responses.entry("403").or_insert_with(|| response("The credentials lack the right (`FORBIDDEN`)"));
+            }
+            if path != "/health" {
+                responses.entry("429").or_insert_with(|| {
+                    response("Over the rate limit (`RATE_LIMITED`); `Retry-After` says when to retry")
+                });
             }
         }
     }

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::error::ApiError;
 use super::AppState;
 use crate::instance::{RegistryEvent, Status};
 
@@ -42,10 +44,18 @@ const PROTOCOL: &str = "paddock";
 #[utoipa::path(get, path = "/ws", tag = "system",
     params(("token" = Option<String>, Query, description = "Credential, for clients that cannot set headers")),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 400, description = "Not a WebSocket handshake", body = super::doc::ErrorBody),
+        (status = 400, description = "Not a WebSocket handshake (`NOT_A_WEBSOCKET`)", body = super::doc::ErrorBody),
+        (status = 405, description = "Not a GET (`NOT_A_WEBSOCKET`)", body = super::doc::ErrorBody),
+        (status = 426, description = "Upgrade required (`NOT_A_WEBSOCKET`)", body = super::doc::ErrorBody),
         (status = 401, body = super::doc::ErrorBody)))]
-async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade.protocols([PROTOCOL]).on_upgrade(move |socket| run(socket, state))
+async fn ws(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|r| {
+        ApiError::new(r.status(), "NOT_A_WEBSOCKET", "Not a WebSocket handshake").with_details(r.body_text())
+    })?;
+    Ok(upgrade.protocols([PROTOCOL]).on_upgrade(move |socket| run(socket, state)))
 }
 
 async fn run(socket: WebSocket, state: AppState) {

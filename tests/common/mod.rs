@@ -72,6 +72,14 @@ pub fn spawn_server(configure: impl FnOnce(&mut paddock::Config) + Send + 'stati
 }
 
 impl TestServer {
+    /// The same server, with every request carrying `token` (for servers with auth on).
+    pub fn with_token(&self, token: &str) -> TestServer {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).default_headers(headers).build().unwrap();
+        TestServer { base: self.base.clone(), client }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
