@@ -246,8 +246,13 @@ async fn users_and_keys_are_managed_by_admins_and_revoked_at_once() {
 async fn an_inference_key_reaches_only_its_instances() {
     let s = server();
     let token = admin(s).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     for name in ["key-a", "key-b"] {
-        let body = json!({ "name": name, "model_path": model_path(), "options": { "ctx_size": 256, "parallel": 1 } });
+        let mut body =
+            json!({ "name": name, "model_path": model_path(), "options": { "ctx_size": 256, "parallel": 1 } });
+        if name == "key-a" {
+            body["port"] = json!(port);
+        }
         assert_eq!(call(s, Method::POST, "/api/instances", Some(&token), Some(body)).await.status, 201);
     }
     assert_eq!(call(s, Method::POST, "/api/instances/key-a/start", Some(&token), None).await.status, 200);
@@ -280,6 +285,13 @@ async fn an_inference_key_reaches_only_its_instances() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(call(s, Method::GET, "/llama-cpp/key-a/health", Some(&scoped), None).await.status, 200);
+    // The instance's own port is guarded as well (but its /health, as llama-server's).
+    let own = TestServer { base: format!("http://127.0.0.1:{port}"), client: s.client.clone() };
+    assert_eq!(call(&own, Method::GET, "/health", None, None).await.status, 200);
+    assert_error(&call(&own, Method::GET, "/props", None, None).await, 401);
+    let b_only = key(s, json!({ "name": "b-only", "kind": "inference", "instances": ["key-b"] })).await;
+    assert_error(&call(&own, Method::GET, "/props", Some(&b_only), None).await, 403);
+    assert_eq!(call(&own, Method::GET, "/props", Some(&scoped), None).await.status, 200);
     call(s, Method::POST, "/api/instances/key-a/stop", Some(&token), None).await;
 }
 
@@ -420,6 +432,8 @@ async fn websocket_sends_status_changes_in_order_and_a_stalled_client_stalls_not
 async fn an_open_loopback_server_turns_auth_on_with_its_first_credential() {
     let s = spawn_server(|_| {});
     assert_eq!(s.get("/api/instances").await.0, 200, "open on loopback without credentials");
+    let (status, body) = s.post("/api/auth/refresh", json!({})).await;
+    assert_eq!(status, 401, "no login token to refresh while auth is off: {body}");
     let (status, body) =
         s.post("/api/auth/users", json!({ "username": "v", "password": "viewer pass", "role": "viewer" })).await;
     assert_eq!(status, 409, "the first user must be an admin: {body}");

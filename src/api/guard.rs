@@ -184,7 +184,8 @@ impl From<AuthError> for ApiError {
             AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
             AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
             AuthError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
-            AuthError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            AuthError::UserNotFound(_) => (StatusCode::NOT_FOUND, "USER_NOT_FOUND"),
+            AuthError::KeyNotFound(_) => (StatusCode::NOT_FOUND, "KEY_NOT_FOUND"),
             AuthError::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
             AuthError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
         };

@@ -248,8 +248,10 @@ pub enum AuthError {
     Forbidden(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("{0}")]
-    NotFound(String),
+    #[error("user '{0}' does not exist")]
+    UserNotFound(String),
+    #[error("API key '{0}' does not exist")]
+    KeyNotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -365,8 +367,11 @@ impl Auth {
     /// A new token for the user a login token belongs to.
     pub fn refresh(&self, principal: &Principal) -> Result<IssuedToken, AuthError> {
         principal.check(Need::LoginToken)?;
-        let Principal::User { name, .. } = principal else { unreachable!("checked above") };
-        self.inner.tokens.issue(name)
+        match principal {
+            Principal::User { name, .. } => self.inner.tokens.issue(name),
+            // Auth is off: there is no login token to exchange.
+            _ => Err(AuthError::Unauthenticated("refresh needs a login token, and auth is off".into())),
+        }
     }
 
     pub fn users(&self) -> Vec<UserView> {
@@ -411,7 +416,7 @@ impl Auth {
                 self.inner.users.write().remove(name);
                 Ok(())
             }
-            DeleteOutcome::NotFound => Err(AuthError::NotFound(format!("user '{name}' does not exist"))),
+            DeleteOutcome::NotFound => Err(AuthError::UserNotFound(name.to_string())),
             DeleteOutcome::LastAdmin => {
                 Err(AuthError::Conflict(format!("'{name}' is the last admin; create another admin first")))
             }
@@ -478,7 +483,7 @@ impl Auth {
     pub async fn delete_key(&self, id: &str) -> Result<(), AuthError> {
         let _write = self.inner.writes.lock().await;
         if !self.blocking(|store, id| store.delete_key(id), id.to_string()).await? {
-            return Err(AuthError::NotFound(format!("API key '{id}' does not exist")));
+            return Err(AuthError::KeyNotFound(id.to_string()));
         }
         self.inner.keys.write().remove(id);
         Ok(())
