@@ -68,7 +68,8 @@ fn parse_body(value: Value) -> Result<Body, ApiError> {
             policy.insert(key.into(), v);
         }
     }
-    body.policy = serde_json::from_value(Value::Object(policy)).map_err(|e| invalid(e.to_string()))?;
+    // Errors name the field (`max_restarts: invalid value…`), so a form can show them beside it.
+    body.policy = serde_path_to_error::deserialize(Value::Object(policy)).map_err(|e| invalid(e.to_string()))?;
     body.name = take_string(&mut top, "name")?;
     body.port = take(&mut top, "port")?;
     let model_path: Option<PathBuf> = take(&mut top, "model_path")?;
@@ -107,7 +108,8 @@ fn parse_body(value: Value) -> Result<Body, ApiError> {
     if let Some(field) = top.keys().next() {
         return Err(invalid(format!("unknown field `{field}`")));
     }
-    body.options = serde_json::from_value(Value::Object(options)).map_err(|e| options_error(e.to_string()))?;
+    body.options =
+        serde_path_to_error::deserialize(Value::Object(options)).map_err(|e| options_error(e.to_string()))?;
     body.source = match (model_path.or(backend_model), hf) {
         (Some(model_path), (None, None)) => Some(ModelSource::Path { model_path }),
         (None, (Some(hf_repo), hf_file)) => Some(ModelSource::HuggingFace { hf_repo, hf_file }),

@@ -11,6 +11,7 @@
 //! - [`auth`]: login, users and API keys; [`guard`]: the middleware that checks credentials,
 //!   rights and [`limits`] on every request.
 //! - [`ws`]: the WebSocket of live events.
+//! - [`web`]: the dashboard, embedded, served at `/` (the fallback of every GET no API route takes).
 //! - [`error`]: the one error → response map, and JSON extractors that use it.
 //! - [`doc`]: the OpenAPI document (`/api/openapi.json`): every route module registers its
 //!   routes with `utoipa_axum::routes!`, so each route carries its `#[utoipa::path]`.
@@ -31,6 +32,7 @@ pub mod openai;
 mod params;
 pub mod system;
 mod tools;
+mod web;
 mod ws;
 
 use std::future::Future;
@@ -101,7 +103,7 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1", management().into())
         .nest("/api/v1/instances/{name}/proxy", proxied().into())
         .nest("/llama-cpp/{name}", proxied().into())
-        .fallback(not_found)
+        .fallback(web::fallback)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::authorize))
         .layer(axum::middleware::from_fn(guard::challenge))
         .layer(cors)
@@ -154,10 +156,6 @@ static DOCUMENT: OnceLock<serde_json::Value> = OnceLock::new();
 /// The OpenAPI document of the routes [`app`] serves, made once.
 pub fn openapi() -> &'static serde_json::Value {
     DOCUMENT.get_or_init(|| doc::finish(documented().into_openapi()))
-}
-
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found("Not found").with_details(format!("no route for {}", uri.path()))
 }
 
 async fn openai_not_found(uri: Uri) -> OpenAiError {

@@ -8,3 +8,4 @@ mod llama_routes;
 mod management;
 mod openapi;
 mod supervision;
+mod web;
