@@ -2,6 +2,7 @@
 // event streams read through fetch (EventSource cannot send a token), and the live WebSocket.
 
 const TOKEN_KEY = 'paddock.token';
+const EXPIRES_KEY = 'paddock.token_expires_at';
 
 export const session = {
   get token() {
@@ -9,9 +10,44 @@ export const session = {
   },
   set token(value) {
     if (value) sessionStorage.setItem(TOKEN_KEY, value);
-    else sessionStorage.removeItem(TOKEN_KEY);
+    else {
+      sessionStorage.removeItem(TOKEN_KEY);
+      sessionStorage.removeItem(EXPIRES_KEY);
+    }
+  },
+  /** Keeps a login answer (`{token, expires_at}`). */
+  keep(issued) {
+    this.token = issued.token;
+    sessionStorage.setItem(EXPIRES_KEY, issued.expires_at);
+  },
+  /** Milliseconds until the login token expires, or null when unknown. */
+  remaining() {
+    const at = Date.parse(sessionStorage.getItem(EXPIRES_KEY) || '');
+    return Number.isNaN(at) ? null : at - Date.now();
   },
 };
+
+/**
+ * Renews the login token before it expires, for as long as the tab stays open; an API key (no
+ * expiry) or a failed refresh leaves it alone, and the next 401 returns to the sign-in form.
+ */
+export function keepSignedIn() {
+  let timer = null;
+  const plan = () => {
+    const left = session.remaining();
+    if (left === null) return;
+    timer = setTimeout(async () => {
+      try {
+        session.keep(await api('/api/auth/refresh', { method: 'POST' }));
+        plan();
+      } catch (_) {
+        /* the next call's 401 signs out */
+      }
+    }, Math.max(5000, left - 60000));
+  };
+  plan();
+  return () => clearTimeout(timer);
+}
 
 let unauthorized = () => {};
 /** Called with no arguments whenever paddock answers 401: the token is gone or never was. */

@@ -3,7 +3,7 @@
 
 import { render } from 'preact';
 import { useCallback, useEffect, useRef, useState } from 'preact/hooks';
-import { api, live, onUnauthorized, session } from './api.js';
+import { api, keepSignedIn, live, onUnauthorized, session } from './api.js';
 import { ChatDialog } from './chat.js';
 import { InstanceForm } from './form.js';
 import { LogsDialog } from './logs.js';
@@ -22,7 +22,7 @@ function SignIn({ onSignedIn, expired }) {
     setError(null);
     try {
       const issued = await api('/api/auth/login', { method: 'POST', body: { username, password } });
-      session.token = issued.token;
+      session.keep(issued);
       onSignedIn();
     } catch (err) {
       setError(err);
@@ -255,6 +255,8 @@ function Dashboard({ onSignOut }) {
     });
     return () => socket.close();
   }, []);
+
+  useEffect(() => keepSignedIn(), []);
 
   // The system panel's figures are not events: poll them.
   useEffect(() => {

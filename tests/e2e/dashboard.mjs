@@ -53,6 +53,12 @@ try {
     // 401s and 404s the page expects show as "Failed to load resource"; anything else is a bug.
     if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) problems.push(m.text());
   });
+  // Every /api/ws connection passes through, so the test can cut one as a network drop would.
+  const sockets = [];
+  await page.routeWebSocket(/\/api\/ws$/, (ws) => {
+    ws.connectToServer();
+    sockets.push(ws);
+  });
   const card = () => page.locator(`article[data-instance="${NAME}"]`);
   const badge = () => card().getByTestId('health');
   const statusOf = () => card().getByTestId('status');
@@ -79,6 +85,15 @@ try {
   await page.getByRole('heading', { name: 'Instances' }).waitFor();
   check(!!(await page.evaluate(() => sessionStorage.getItem('paddock.token'))), 'the token is kept in sessionStorage');
   await page.getByTestId('connection').filter({ hasText: 'live' }).waitFor();
+
+  begin('the live socket reconnects after a drop');
+  const before = sockets.length;
+  await sockets[sockets.length - 1].close({ code: 1012, reason: 'dropped by the test' });
+  await page.getByTestId('connection').filter({ hasText: 'reconnecting' }).waitFor();
+  await page.getByTestId('connection').filter({ hasText: 'live' }).waitFor();
+  check(sockets.length === before + 1, 'a new socket was opened');
+  // Everything below that changes without a reload arrives over the new socket.
+
   // Set once; still there at the end means the page never reloaded.
   await page.evaluate(() => { window.__noReload = true; });
 
@@ -240,15 +255,22 @@ try {
   await page.keyboard.press('Escape');
   await form.waitFor({ state: 'detached' });
 
-  begin('theme survives a reload');
+  begin('theme survives a reload; the token is renewed before it expires');
   check((await page.evaluate(() => document.documentElement.dataset.theme)) === 'light', 'the system preference (light) applies first');
   await page.getByRole('button', { name: 'Switch to dark theme' }).click();
   check((await page.evaluate(() => document.documentElement.dataset.theme)) === 'dark', 'dark after the toggle');
+  // Pretend the login token is about to expire: after the reload the page renews it.
+  const oldToken = await page.evaluate(() => {
+    sessionStorage.setItem('paddock.token_expires_at', new Date(Date.now() + 61_000).toISOString());
+    return sessionStorage.getItem('paddock.token');
+  });
   await page.reload();
   await page.getByRole('heading', { name: 'Instances' }).waitFor();
   check((await page.evaluate(() => document.documentElement.dataset.theme)) === 'dark', 'dark after a reload');
   await page.getByRole('button', { name: 'Switch to light theme' }).waitFor();
   await shot(page, '08-dark');
+  await page.waitForFunction((old) => sessionStorage.getItem('paddock.token') !== old, oldToken, { timeout: 20_000 });
+  check((await apiGet('/api/instances')).status === 200, 'the renewed token works');
 
   begin('narrow screen (390 px)');
   await page.setViewportSize({ width: 390, height: 844 });
