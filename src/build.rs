@@ -19,3 +19,16 @@ pub fn fingerprint() -> &'static str {
 pub fn long_version() -> &'static str {
     concat!(env!("CARGO_PKG_VERSION"), " (", env!("PADDOCK_GIT_REVISION"), ", built ", env!("PADDOCK_BUILD_UNIX"), ")")
 }
+
+/// The llama.cpp bindings paddock links (pinned exactly in Cargo.toml).
+pub const LLAMA_CPP_2: &str = "0.1.160";
+
+/// The cargo features this binary was built with.
+pub const FEATURES: &[&str] = &[
+    #[cfg(feature = "cuda")]
+    "cuda",
+    #[cfg(feature = "metal")]
+    "metal",
+    #[cfg(feature = "vulkan")]
+    "vulkan",
+];

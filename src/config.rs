@@ -25,6 +25,9 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     /// Origins whose pages may call the API from a browser (CORS); none by default. `"*"` = any.
     pub cors_origins: Vec<String>,
+    /// Directories the model registry scans (two levels deep) besides the data dir's `models/`.
+    #[schema(value_type = Vec<String>)]
+    pub model_dirs: Vec<PathBuf>,
 }
 
 /// Credentials. Auth is on whenever a user or API key exists, or paddock listens beyond loopback.
@@ -82,7 +85,15 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
             cors_origins: Vec::new(),
+            model_dirs: Vec::new(),
         }
+    }
+}
+
+impl Config {
+    /// Where the model registry looks: the data dir's `models/`, then `model_dirs`.
+    pub fn model_search_dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(self.data_dir.join("models")).chain(self.model_dirs.iter().cloned()).collect()
     }
 }
 

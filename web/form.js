@@ -2,7 +2,7 @@
 // submit; server errors are shown at the top with their `error` and `details`, and beside the
 // field they name.
 
-import { useState, useRef } from 'preact/hooks';
+import { useEffect, useState, useRef } from 'preact/hooks';
 import { api } from './api.js';
 import { html, Modal } from './ui.js';
 
@@ -139,6 +139,13 @@ export function InstanceForm({ instance, onClose, onSaved }) {
   const [serverError, setServerError] = useState(null);
   const [saving, setSaving] = useState(false);
   const firstRow = useRef(null);
+  // The registry's models, offered as suggestions for the model path.
+  const [known, setKnown] = useState([]);
+  useEffect(() => {
+    api('/api/admin/models')
+      .then((r) => setKnown(r.models.filter((m) => !m.error)))
+      .catch(() => {});
+  }, []);
 
   const set = (key) => (e) => {
     const t = e.currentTarget;
@@ -220,8 +227,9 @@ export function InstanceForm({ instance, onClose, onSaved }) {
             </div>
           </div>
           ${f.source === 'path' ? html`
-            <${Field} id="f-model" label="Model path" error=${errorFor('model')} hint="Full path to a .gguf file on the server.">
-              ${input('model', { hint: true, input: { placeholder: '/models/model.gguf', autocomplete: 'off', spellcheck: false } })}
+            <${Field} id="f-model" label="Model path" error=${errorFor('model')} hint="Full path to a .gguf file on the server; models in the data dir's models/ and model_dirs are suggested.">
+              ${input('model', { hint: true, input: { placeholder: '/models/model.gguf', autocomplete: 'off', spellcheck: false, list: 'known-models' } })}
+              <datalist id="known-models">${known.map((m) => html`<option key=${m.id} value=${m.path}>${m.name}${m.quantization ? ` (${m.quantization})` : ''}</option>`)}</datalist>
             <//>` : html`
             <div class="row">
               <${Field} id="f-hf_repo" label="Hugging Face repo" error=${errorFor('hf_repo')}>

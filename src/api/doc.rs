@@ -51,6 +51,7 @@ level. An unknown path answers 404 with code `NOT_FOUND`.";
         (name = "openai", description = "OpenAI-compatible API; `model` names the instance (started on demand if its policy allows)."),
         (name = "llama-server", description = "llama-server's routes of one instance, with llama-server's request and response shapes."),
         (name = "auth", description = "Users, sessions and API keys."),
+        (name = "models", description = "The local model registry: GGUF metadata, memory estimates, rescans, deletes and unloads; node stats and version (the admin API of seed 003)."),
     ),
     components(schemas(ChatCompletionChunk, NativeCompletionChunk)),
     modifiers(&BearerScheme),

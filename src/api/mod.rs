@@ -8,6 +8,7 @@
 //! - [`llama`]: llama-server's routes of one instance (`/api/instances/{name}/proxy/…`,
 //!   `/llama-cpp/{name}/…`, and the instance's own port).
 //! - [`system`]: server information and health.
+//! - [`admin`]: the model registry and node routes of the admin API (`/api/admin/…`).
 //! - [`auth`]: login, users and API keys; [`guard`]: the middleware that checks credentials,
 //!   rights and [`limits`] on every request.
 //! - [`ws`]: the WebSocket of live events.
@@ -20,6 +21,7 @@
 //! resolves. Both are library functions so tests can drive them on a port-0 listener.
 //! [`openapi`] is the document of the routes [`app`] serves.
 
+mod admin;
 mod auth;
 pub mod doc;
 pub mod error;
@@ -67,6 +69,8 @@ pub struct AppState {
     pub system: system::SystemProbe,
     pub auth: crate::auth::Auth,
     pub limits: Arc<limits::RateLimits>,
+    /// The local models (`/api/admin/models`), rescanned on each listing.
+    pub models: crate::models::ModelStore,
     /// Cancelled when the server shuts down: long-lived connections (WebSockets) end on it.
     pub shutdown: CancellationToken,
 }
@@ -85,6 +89,7 @@ impl AppState {
             registry,
             auth,
             limits: Arc::new(limits::RateLimits::new(&config.rate_limits)),
+            models: Default::default(),
             shutdown: CancellationToken::new(),
             config: Arc::new(parking_lot::RwLock::new(config)),
             config_path: Arc::new(config_path),
@@ -143,7 +148,12 @@ fn documented() -> OpenApiRouter<AppState> {
 }
 
 fn management() -> OpenApiRouter<AppState> {
-    instances::routes().merge(system::routes()).merge(doc::routes()).merge(auth::routes()).merge(ws::routes())
+    instances::routes()
+        .merge(system::routes())
+        .merge(doc::routes())
+        .merge(auth::routes())
+        .merge(ws::routes())
+        .merge(admin::routes())
 }
 
 /// llama-server's routes of one instance, where llamactl proxies them.

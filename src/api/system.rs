@@ -38,16 +38,16 @@ pub fn root_routes() -> OpenApiRouter<AppState> {
 #[derive(Clone, Default)]
 pub struct SystemProbe(Arc<Mutex<Option<System>>>);
 
-struct Resources {
-    cpu_usage: f32,
-    memory_used: u64,
-    memory_total: u64,
-    process_memory: u64,
-    disk_usage: f64,
+pub(crate) struct Resources {
+    pub cpu_usage: f32,
+    pub memory_used: u64,
+    pub memory_total: u64,
+    pub process_memory: u64,
+    pub disk_usage: f64,
 }
 
 impl SystemProbe {
-    fn sample(&self, data_dir: &std::path::Path) -> Resources {
+    pub(crate) fn sample(&self, data_dir: &std::path::Path) -> Resources {
         let mut guard = self.0.lock();
         let sys = guard.get_or_insert_with(|| {
             let mut s = System::new();

@@ -6,6 +6,7 @@ mod common;
 mod generation;
 mod llama_routes;
 mod management;
+mod models;
 mod openapi;
 mod supervision;
 mod web;
