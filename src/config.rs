@@ -28,6 +28,12 @@ pub struct Config {
     /// Directories the model registry scans (two levels deep) besides the data dir's `models/`.
     #[schema(value_type = Vec<String>)]
     pub model_dirs: Vec<PathBuf>,
+    /// The Hugging Face hub (or a mirror) models are searched and downloaded from (also `HF_ENDPOINT`).
+    pub hf_endpoint: String,
+    /// A hub token for gated and private repositories (also `HF_TOKEN`); never written back
+    /// when paddock saves the config file.
+    #[serde(skip_serializing)]
+    pub hf_token: Option<String>,
 }
 
 /// Credentials. Auth is on whenever a user or API key exists, or paddock listens beyond loopback.
@@ -86,6 +92,8 @@ impl Default for Config {
             rate_limits: RateLimitConfig::default(),
             cors_origins: Vec::new(),
             model_dirs: Vec::new(),
+            hf_endpoint: "https://huggingface.co".into(),
+            hf_token: None,
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct Overrides {
     pub port: Option<u16>,
     pub data_dir: Option<PathBuf>,
     pub admin_password: Option<String>,
+    pub hf_endpoint: Option<String>,
+    pub hf_token: Option<String>,
 }
 
 /// A change to the configuration (`PUT /api/config`): only the keys given change; `null`
@@ -176,6 +186,7 @@ impl Config {
         };
         mask(&mut c.auth.admin_password);
         mask(&mut c.auth.jwt_secret);
+        mask(&mut c.hf_token);
         c
     }
 
@@ -188,6 +199,9 @@ impl Config {
         }
         if self.rate_limits.window_secs == 0 {
             return Err("rate_limits.window_secs must be at least 1".into());
+        }
+        if !(self.hf_endpoint.starts_with("http://") || self.hf_endpoint.starts_with("https://")) {
+            return Err(format!("hf_endpoint must be an http:// or https:// URL, got '{}'", self.hf_endpoint));
         }
         if self.max_running_instances == Some(0) {
             return Err("max_running_instances must be at least 1 (or null for no limit)".into());
@@ -271,6 +285,12 @@ impl Config {
         }
         if let Some(p) = overrides.admin_password {
             config.auth.admin_password = Some(p);
+        }
+        if let Some(e) = overrides.hf_endpoint {
+            config.hf_endpoint = e;
+        }
+        if let Some(t) = overrides.hf_token {
+            config.hf_token = Some(t);
         }
         Ok(config)
     }

@@ -41,6 +41,12 @@ struct ServeArgs {
     /// not exist yet; auth is on from then on. Prefer the environment variable to the flag.
     #[arg(long, env = "PADDOCK_ADMIN_PASSWORD", hide_env_values = true)]
     admin_password: Option<String>,
+    /// The Hugging Face hub (or a mirror) to search and download models from [default: https://huggingface.co].
+    #[arg(long, env = "HF_ENDPOINT")]
+    hf_endpoint: Option<String>,
+    /// A hub token for gated or private repositories. Prefer the environment variable to the flag.
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    hf_token: Option<String>,
     /// A GGUF file to serve at once: creates and starts an instance for it, as `llama-server -m` would.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
@@ -97,6 +103,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         port: args.port,
         data_dir: args.data_dir.clone(),
         admin_password: args.admin_password.clone(),
+        hf_endpoint: args.hf_endpoint.clone(),
+        hf_token: args.hf_token.clone(),
     };
     let (config, config_path) = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(config.host, config.port);

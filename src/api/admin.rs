@@ -44,7 +44,7 @@ pub struct EstimateQuery {
 
 /// A registry entry with what the server knows about it now.
 #[derive(Serialize, ToSchema)]
-pub struct ModelView {
+pub struct LocalModelView {
     #[serde(flatten)]
     model: Model,
     /// Weights, KV cache and compute buffers at `context`; null when the header lacks the
@@ -57,14 +57,17 @@ pub struct ModelView {
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ModelList {
-    models: Vec<ModelView>,
+pub struct LocalModelList {
+    models: Vec<LocalModelView>,
 }
 
 fn uses(instance: &InstanceView, model: &Model) -> bool {
     match &instance.source {
         ModelSource::Path { model_path } => model.has_file(model_path),
-        ModelSource::HuggingFace { .. } => false,
+        ModelSource::HuggingFace { hf_repo, hf_file } => {
+            model.source.repo_id.as_deref() == Some(hf_repo.as_str())
+                && hf_file.as_ref().is_none_or(|f| model.source.filename.as_deref() == Some(f.as_str()))
+        }
     }
 }
 
@@ -72,9 +75,9 @@ fn holds_model(status: Status) -> bool {
     matches!(status, Status::Running | Status::Starting | Status::Restarting | Status::Stopping)
 }
 
-fn view(model: Model, instances: &[InstanceView], context: u64) -> ModelView {
+fn view(model: Model, instances: &[InstanceView], context: u64) -> LocalModelView {
     let users: Vec<&InstanceView> = instances.iter().filter(|i| uses(i, &model)).collect();
-    ModelView {
+    LocalModelView {
         memory_estimate: model.estimate(context),
         used_by: users.iter().map(|i| i.name.clone()).collect(),
         loaded: users.iter().any(|i| holds_model(i.status)),
@@ -101,9 +104,9 @@ fn model_or_404(state: &AppState, id: &str) -> Result<Model, ApiError> {
 
 /// The local models: the data dir's `models/` and `model_dirs`, each with its size, header
 /// figures, split parts, memory estimate, source and the instances that use it.
-#[utoipa::path(get, path = "/admin/models", operation_id = "list_models", tag = "models",
+#[utoipa::path(get, path = "/admin/models", operation_id = "list_local_models", tag = "models",
     params(EstimateQuery),
-    responses((status = 200, description = "The models", body = ModelList),
+    responses((status = 200, description = "The models", body = LocalModelList),
         (status = 400, description = "Invalid query (`INVALID_QUERY`)", body = ErrorBody)))]
 async fn list_models(
     State(state): State<AppState>,
@@ -113,13 +116,13 @@ async fn list_models(
     let instances = state.registry.list();
     let context = q.context.unwrap_or(DEFAULT_CONTEXT);
     let models = state.models.list().into_iter().map(|m| view(m, &instances, context)).collect();
-    Ok(axum::Json(ModelList { models }))
+    Ok(axum::Json(LocalModelList { models }))
 }
 
 /// One model, as the list shows it.
-#[utoipa::path(get, path = "/admin/models/{id}", operation_id = "get_model", tag = "models",
+#[utoipa::path(get, path = "/admin/models/{id}", operation_id = "get_local_model", tag = "models",
     params(("id" = String, Path, description = "The model's id"), EstimateQuery),
-    responses((status = 200, description = "The model", body = ModelView),
+    responses((status = 200, description = "The model", body = LocalModelView),
         (status = 400, description = "Invalid query (`INVALID_QUERY`)", body = ErrorBody),
         (status = 404, description = "No such model (`MODEL_NOT_FOUND`)", body = ErrorBody)))]
 async fn get_model(
@@ -157,7 +160,7 @@ async fn model_metadata(State(state): State<AppState>, Path(id): Path<String>) -
 
 /// Deletes the model's files (every part present, and its source record). Refused while an
 /// instance uses the model: delete or change the instance first.
-#[utoipa::path(delete, path = "/admin/models/{id}", operation_id = "delete_model", tag = "models",
+#[utoipa::path(delete, path = "/admin/models/{id}", operation_id = "delete_local_model", tag = "models",
     params(("id" = String, Path, description = "The model's id")),
     responses((status = 200, description = "Deleted", body = Object),
         (status = 404, description = "No such model (`MODEL_NOT_FOUND`)", body = ErrorBody),

@@ -26,6 +26,7 @@ mod auth;
 pub mod doc;
 pub mod error;
 pub mod guard;
+mod hub;
 pub mod instances;
 pub mod limits;
 pub mod llama;
@@ -71,6 +72,8 @@ pub struct AppState {
     pub limits: Arc<limits::RateLimits>,
     /// The local models (`/api/admin/models`), rescanned on each listing.
     pub models: crate::models::ModelStore,
+    /// Downloads from the hub into the data dir's `models/`.
+    pub downloads: crate::models::Downloads,
     /// Cancelled when the server shuts down: long-lived connections (WebSockets) end on it.
     pub shutdown: CancellationToken,
 }
@@ -85,7 +88,19 @@ impl AppState {
         registry.set_max_running(config.max_running_instances);
         registry.set_bind_host(config.host);
         let auth = crate::auth::Auth::open(&config.auth, &database, &config.data_dir, config.host.is_loopback())?;
+        let downloads = crate::models::Downloads::new(
+            config.data_dir.join("models"),
+            crate::models::Hub::new(&config.hf_endpoint, config.hf_token.clone()),
+        );
+        registry.set_fetcher({
+            let downloads = downloads.clone();
+            Arc::new(move |repo, file, log| {
+                let downloads = downloads.clone();
+                Box::pin(async move { downloads.fetch_model(&repo, file.as_deref(), &*log).await })
+            })
+        });
         Ok(AppState {
+            downloads,
             registry,
             auth,
             limits: Arc::new(limits::RateLimits::new(&config.rate_limits)),
@@ -154,6 +169,7 @@ fn management() -> OpenApiRouter<AppState> {
         .merge(auth::routes())
         .merge(ws::routes())
         .merge(admin::routes())
+        .merge(hub::routes())
 }
 
 /// llama-server's routes of one instance, where llamactl proxies them.
@@ -183,6 +199,7 @@ pub async fn serve(
     tokio::spawn(serve_instance_ports(state.clone()));
     let registry = state.registry.clone();
     tokio::spawn(async move { registry.resume().await });
+    state.downloads.resume_interrupted();
     let token = state.shutdown.clone();
     let shutdown = async move {
         shutdown.await;

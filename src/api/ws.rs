@@ -23,6 +23,7 @@ use utoipa_axum::routes;
 use super::error::ApiError;
 use super::AppState;
 use crate::instance::{RegistryEvent, Status};
+use crate::models::download::{DownloadStatus, DownloadView};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(ws))
@@ -39,7 +40,9 @@ const PROTOCOL: &str = "paddock";
 /// Live updates: `instance_status_changed` (`name`, `old_status`, `new_status`),
 /// `instance_stats_updated` (each running instance every 2 s), `system_alert` (`level`,
 /// `message`, `instance`), `instance_created`, `instance_updated`, `instance_deleted`, and
-/// `lagged` (`missed`: events dropped because the client read too slowly; refetch state).
+/// `lagged` (`missed`: events dropped because the client read too slowly; refetch state);
+/// `download_progress` (a download as `GET /api/admin/downloads` shows it), `activity_event` when
+/// one ends, and `models_changed` when one lands a model.
 /// Credentials as everywhere, or as a `bearer.<token>` subprotocol, or a `token` query parameter.
 #[utoipa::path(get, path = "/ws", tag = "system",
     params(("token" = Option<String>, Query, description = "Credential, for clients that cannot set headers")),
@@ -61,8 +64,9 @@ async fn ws(
 async fn run(socket: WebSocket, state: AppState) {
     let (sink, incoming) = socket.split();
     let events = state.registry.subscribe();
+    let downloads = state.downloads.subscribe();
     let shutdown = state.shutdown.clone();
-    forward(sink, incoming, events, || stats_messages(&state), shutdown).await
+    forward(sink, incoming, events, downloads, || stats_messages(&state), shutdown).await
 }
 
 /// Sends events, and stats every [`STATS_EVERY`], until the client leaves, a send stays blocked
@@ -71,6 +75,7 @@ async fn forward<S, I, E>(
     mut sink: S,
     mut incoming: I,
     mut events: broadcast::Receiver<RegistryEvent>,
+    mut downloads: broadcast::Receiver<DownloadView>,
     stats: impl Fn() -> Vec<Value>,
     shutdown: CancellationToken,
 ) where
@@ -88,6 +93,12 @@ async fn forward<S, I, E>(
             event = events.recv() => match event {
                 Ok(event) => vec![event_message(&event)],
                 Err(RecvError::Lagged(missed)) => vec![message("lagged", json!({ "missed": missed }))],
+                Err(RecvError::Closed) => return,
+            },
+            download = downloads.recv() => match download {
+                Ok(d) => download_messages(&d),
+                // Progress is superseded by the next report; nothing to refetch.
+                Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             },
             _ = tick.tick() => stats(),
@@ -127,6 +138,28 @@ fn event_message(event: &RegistryEvent) -> Value {
     }
 }
 
+/// `download_progress` for every report; when a download ends, the seed's `activity_event`,
+/// and `models_changed` if it landed a model.
+fn download_messages(d: &DownloadView) -> Vec<Value> {
+    let mut out = vec![message("download_progress", json!(d))];
+    let (text, level) = match d.status {
+        DownloadStatus::Completed => (format!("downloaded {} from {}", d.id, d.repo_id), "success"),
+        DownloadStatus::Failed => {
+            (format!("download of {} failed: {}", d.id, d.error.as_deref().unwrap_or("unknown error")), "error")
+        }
+        DownloadStatus::Cancelled => (format!("download of {} cancelled", d.id), "info"),
+        _ => return out,
+    };
+    out.push(message(
+        "activity_event",
+        json!({ "kind": "download", "model_id": d.id, "message": text, "timestamp": Utc::now(), "toast_level": level }),
+    ));
+    if d.status == DownloadStatus::Completed {
+        out.push(message("models_changed", Value::Null));
+    }
+    out
+}
+
 fn stats_messages(state: &AppState) -> Vec<Value> {
     state
         .registry
@@ -152,7 +185,8 @@ mod tests {
         let (sink, mut client) = futures::channel::mpsc::channel::<Message>(0);
         let incoming = futures::stream::pending::<Result<Message, std::convert::Infallible>>();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(forward(sink, incoming, rx, Vec::new, shutdown.clone()));
+        let (_downloads, downloads_rx) = broadcast::channel(1);
+        let task = tokio::spawn(forward(sink, incoming, rx, downloads_rx, Vec::new, shutdown.clone()));
         for i in 0..20 {
             events.send(RegistryEvent::Created(format!("i{i}"))).unwrap();
             tokio::task::yield_now().await;

@@ -21,7 +21,7 @@ pub mod store;
 mod supervisor;
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,7 +59,7 @@ pub enum InstanceError {
     #[error("instance '{name}' is {status}; stop it before deleting it")]
     Busy { name: String, status: Status },
     #[error(
-        "instance '{name}' uses the Hugging Face model {repo}, which paddock cannot download yet; give a model_path"
+        "instance '{name}' uses the Hugging Face model {repo}, which this server cannot download; give a model_path"
     )]
     ModelNotAvailable { name: String, repo: String },
     #[error("instance '{name}' failed to start: {reason}")]
@@ -298,7 +298,22 @@ struct Inner {
     store: Option<store::Store>,
     /// Last version given to a persisted change (see [`Registry::next_version`]).
     last_version: AtomicU64,
+    /// Gets the file of a Hugging Face model (downloading it when missing); None = such
+    /// instances cannot start.
+    fetcher: Mutex<Option<ModelFetcher>>,
 }
+
+/// Resolves `(hf_repo, hf_file)` to a local GGUF, downloading it if needed; reports progress
+/// through the log line callback. Set by the server, which owns the hub client.
+pub type ModelFetcher = Arc<
+    dyn Fn(
+            String,
+            Option<String>,
+            Arc<dyn Fn(String) + Send + Sync>,
+        ) -> futures::future::BoxFuture<'static, Result<PathBuf, String>>
+        + Send
+        + Sync,
+>;
 
 impl Default for Registry {
     fn default() -> Self {
@@ -323,6 +338,7 @@ impl Registry {
                 bind_host: Mutex::new(std::net::IpAddr::from([127, 0, 0, 1])),
                 store,
                 last_version: AtomicU64::new(0),
+                fetcher: Mutex::new(None),
             }),
         }
     }
@@ -430,6 +446,11 @@ impl Registry {
     /// The address instances' own ports listen on.
     pub fn set_bind_host(&self, host: std::net::IpAddr) {
         *self.inner.bind_host.lock() = host;
+    }
+
+    /// Lets instances with a Hugging Face model start: `fetcher` gets them their file.
+    pub fn set_fetcher(&self, fetcher: ModelFetcher) {
+        *self.inner.fetcher.lock() = Some(fetcher);
     }
 
     /// Takes the bound listener of a running instance's own port, with a receiver of its status

@@ -6,6 +6,7 @@
 //! the one that step belongs to; a stop or a newer start bumps it, which is how a stale result
 //! is recognised without extra state.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,13 @@ impl Default for StopMode {
     }
 }
 
+/// Where a starting instance's model file comes from.
+enum Fetch {
+    Local(PathBuf),
+    /// Downloaded first if missing (`hf_repo`, `hf_file`).
+    Hub(super::ModelFetcher, String, Option<String>),
+}
+
 type LoadOutcome = Result<(EngineThread, oneshot::Receiver<ExitReport>), EngineError>;
 
 impl Registry {
@@ -54,10 +62,10 @@ impl Registry {
                 .transition(Event::Start)
                 .map_err(|source| InstanceError::Transition { name: name.to_string(), source })?;
             match &e.spec.source {
-                ModelSource::HuggingFace { hf_repo, .. } => {
+                ModelSource::HuggingFace { hf_repo, .. } if self.inner.fetcher.lock().is_none() => {
                     Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: hf_repo.clone() })
                 }
-                ModelSource::Path { .. } => Ok(()),
+                _ => Ok(()),
             }
         })?
     }
@@ -101,34 +109,55 @@ impl Registry {
 
     /// `manual`: a user's start resets the automatic-restart count.
     fn begin_start(&self, name: &str, manual: bool) -> Result<Status, InstanceError> {
-        let (config, generation) =
-            {
-                let mut map = self.inner.map.lock();
-                let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
-                let Some(model_path) = e.spec.model_path().cloned() else {
-                    return Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: String::new() });
-                };
-                if let (Some(port), None) = (e.spec.port, &e.port_listener) {
-                    let host = *self.inner.bind_host.lock();
-                    let listener = std::net::TcpListener::bind((host, port)).map_err(|err| {
-                        InstanceError::PortInUse { name: name.to_string(), port, reason: err.to_string() }
-                    })?;
-                    e.port_listener = Some(listener);
-                }
-                apply(&self.inner.events, e, Event::Start)?;
-                e.generation += 1;
-                if manual {
-                    e.restarts = 0;
-                    e.error = None;
-                }
-                e.cancel_load = Arc::new(AtomicBool::new(false));
-                e.logs.push(Level::INFO, "starting: loading model");
-                (e.spec.options.engine_config(name, model_path, e.logs.clone(), e.cancel_load.clone()), e.generation)
+        let (config, generation, fetch, logs) = {
+            let mut map = self.inner.map.lock();
+            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+            let fetch = match &e.spec.source {
+                ModelSource::Path { model_path } => Fetch::Local(model_path.clone()),
+                ModelSource::HuggingFace { hf_repo, hf_file } => match self.inner.fetcher.lock().clone() {
+                    Some(fetcher) => Fetch::Hub(fetcher, hf_repo.clone(), hf_file.clone()),
+                    None => {
+                        return Err(InstanceError::ModelNotAvailable { name: name.to_string(), repo: hf_repo.clone() })
+                    }
+                },
             };
+            if let (Some(port), None) = (e.spec.port, &e.port_listener) {
+                let host = *self.inner.bind_host.lock();
+                let listener = std::net::TcpListener::bind((host, port)).map_err(|err| InstanceError::PortInUse {
+                    name: name.to_string(),
+                    port,
+                    reason: err.to_string(),
+                })?;
+                e.port_listener = Some(listener);
+            }
+            apply(&self.inner.events, e, Event::Start)?;
+            e.generation += 1;
+            if manual {
+                e.restarts = 0;
+                e.error = None;
+            }
+            e.cancel_load = Arc::new(AtomicBool::new(false));
+            e.logs.push(Level::INFO, "starting: loading model");
+            let options = e.spec.options.clone();
+            let (logs, cancel) = (e.logs.clone(), e.cancel_load.clone());
+            let name = name.to_string();
+            (move |path| options.engine_config(&name, path, logs, cancel), e.generation, fetch, e.logs.clone())
+        };
         let registry = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let outcome = EngineThread::start(config).await;
+            let path = match fetch {
+                Fetch::Local(path) => Ok(path),
+                Fetch::Hub(fetcher, repo, file) => {
+                    let log_line: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |l| logs.push(Level::INFO, l));
+                    let what = format!("{repo} {}", file.as_deref().unwrap_or("(recommended variant)"));
+                    fetcher(repo, file, log_line).await.map_err(|reason| EngineError::Load { path: what, reason })
+                }
+            };
+            let outcome = match path {
+                Ok(path) => EngineThread::start(config(path)).await,
+                Err(e) => Err(e),
+            };
             registry.finish_start(&name, generation, outcome).await;
         });
         Ok(Status::Starting)

@@ -6,10 +6,16 @@
 //!   estimates, and where each came from.
 //! - [`metadata`]: a model's header in the shape of `GET /api/admin/models/{id}/metadata`.
 //! - [`arch`]: the architectures the linked llama.cpp loads.
+//! - [`hub`]: the Hugging Face hub's HTTP API (search, a repository's files).
+//! - [`download`]: resumable, verified downloads from the hub into `models/`.
 
 pub mod arch;
+pub mod download;
 pub mod gguf;
+pub mod hub;
 pub mod metadata;
 pub mod registry;
 
+pub use download::Downloads;
+pub use hub::Hub;
 pub use registry::{Model, ModelStore};

@@ -171,6 +171,22 @@ pub fn quantization_name(file_type: u64) -> Option<&'static str> {
     })
 }
 
+/// The quantization a file name says (`model-Q4_K_M.gguf` → `Q4_K_M`), for files not yet
+/// downloaded: the longest known name found as a `-`, `.` or `_` separated suffix of the stem.
+pub fn quantization_from_name(stem: &str) -> Option<&'static str> {
+    let upper = stem.to_ascii_uppercase();
+    (0..64u64)
+        .filter_map(quantization_name)
+        .filter(|q| {
+            upper.match_indices(q).any(|(i, _)| {
+                let before = upper[..i].chars().last();
+                let after = upper[i + q.len()..].chars().next();
+                matches!(before, Some('-' | '.' | '_')) && matches!(after, None | Some('-' | '.'))
+            })
+        })
+        .max_by_key(|q| q.len())
+}
+
 /// `name-00001-of-00003` → (`name`, 0, 3).
 pub fn split_part(stem: &str) -> Option<(&str, u32, u32)> {
     let (rest, total) = stem.rsplit_once("-of-")?;
@@ -451,5 +467,9 @@ mod tests {
         assert_eq!(quantization_name(15), Some("Q4_K_M"));
         assert_eq!(quantization_name(7), Some("Q8_0"));
         assert_eq!(quantization_name(4), None, "removed from llama.cpp");
+        assert_eq!(quantization_from_name("gemma-3-270m-it-Q4_K_M"), Some("Q4_K_M"));
+        assert_eq!(quantization_from_name("m.q8_0-00001-of-00002"), Some("Q8_0"));
+        assert_eq!(quantization_from_name("Qwen2.5-7B-Instruct-IQ4_XS"), Some("IQ4_XS"));
+        assert_eq!(quantization_from_name("model"), None);
     }
 }

@@ -56,6 +56,10 @@ pub fn spawn_server(configure: impl FnOnce(&mut paddock::Config) + Send + 'stati
                 inference: None,
                 ..Default::default()
             };
+            // No test reaches the internet: the hub is a port nobody listens on, unless a test
+            // starts a local one.
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            config.hf_endpoint = format!("http://{closed}");
             configure(&mut config);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();

@@ -1,0 +1,564 @@
+//! Hugging Face search, probe and downloads against a local server that speaks the hub's HTTP
+//! API (search, tree, resolve with a redirect and byte ranges) over the real test model and a
+//! split copy of it. Runs the real binary, so a download can be killed with SIGKILL.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+#[path = "common/mod.rs"]
+mod common;
+
+// ---------------------------------------------------------------------------------------------
+// The local hub.
+
+struct HubFile {
+    path: String,
+    source: PathBuf,
+    size: u64,
+    sha256: String,
+}
+
+struct Repo {
+    files: Vec<HubFile>,
+    /// Bytes per second the files are served at; 0 = as fast as possible.
+    throttle: u64,
+    /// Flip one byte in the middle of what is served (the tree keeps the true sha256).
+    corrupt: bool,
+    downloads: u64,
+}
+
+struct Hub {
+    repos: HashMap<String, Repo>,
+    /// Every file request: (path in repo, first byte asked for).
+    requests: Mutex<Vec<(String, u64)>>,
+}
+
+const FAST: &str = "paddock-test/gemma-3-270m-GGUF";
+const SPLIT: &str = "paddock-test/gemma-3-270m-split-GGUF";
+const SLOW: &str = "paddock-test/gemma-3-270m-slow-GGUF";
+const CORRUPT: &str = "paddock-test/gemma-3-270m-corrupt-GGUF";
+
+fn sha256_file(path: &Path) -> String {
+    use std::io::Read;
+    let mut hasher = Sha256::new();
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hub_file(path: &str, source: &Path, sha: &str) -> HubFile {
+    HubFile {
+        path: path.into(),
+        source: source.into(),
+        size: std::fs::metadata(source).unwrap().len(),
+        sha256: sha.into(),
+    }
+}
+
+/// The hub's base URL; started once per test binary on a thread of its own, so it outlives
+/// each test's runtime.
+fn hub() -> &'static (String, Arc<Hub>) {
+    static HUB: OnceLock<(String, Arc<Hub>)> = OnceLock::new();
+    HUB.get_or_init(|| {
+        let model = common::model_path();
+        let model_sha = sha256_file(&model);
+        let split_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hub-split");
+        let parts: Vec<PathBuf> =
+            (1..=2).map(|i| split_dir.join(format!("gemma-3-270m-q4_k_m-{i:05}-of-00002.gguf"))).collect();
+        if !parts.iter().all(|p| p.is_file()) {
+            std::fs::create_dir_all(&split_dir).unwrap();
+            let python =
+                std::env::var_os("PADDOCK_TEST_PYTHON").expect("PADDOCK_TEST_PYTHON: run through scripts/test");
+            let out = Command::new(python)
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gguf_variants.py"))
+                .args(["split", model.to_str().unwrap(), split_dir.to_str().unwrap(), "--parts", "2"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "split failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let repo = |files, throttle, corrupt, downloads| Repo { files, throttle, corrupt, downloads };
+        let mut repos = HashMap::new();
+        repos.insert(
+            FAST.to_string(),
+            repo(vec![hub_file("gemma-3-270m-Q4_K_M.gguf", &model, &model_sha)], 0, false, 900),
+        );
+        repos.insert(
+            SPLIT.to_string(),
+            repo(
+                parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        hub_file(&format!("gemma-3-270m-split-Q4_K_M-{:05}-of-00002.gguf", i + 1), p, &sha256_file(p))
+                    })
+                    .collect(),
+                0,
+                false,
+                800,
+            ),
+        );
+        repos.insert(
+            SLOW.to_string(),
+            repo(vec![hub_file("gemma-3-270m-slow-Q4_K_M.gguf", &model, &model_sha)], 40 << 20, false, 10),
+        );
+        repos.insert(
+            CORRUPT.to_string(),
+            repo(vec![hub_file("gemma-3-270m-corrupt-Q4_K_M.gguf", &model, &model_sha)], 0, true, 5),
+        );
+        let hub = Arc::new(Hub { repos, requests: Mutex::new(Vec::new()) });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = hub.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let app = Router::new()
+                    .route("/api/models", get(search))
+                    .route("/api/models/{owner}/{name}/tree/main", get(tree))
+                    .route("/{owner}/{name}/resolve/main/{*path}", get(resolve))
+                    .route("/cdn/{owner}/{name}/{*path}", get(serve_file))
+                    .with_state(state);
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            })
+        });
+        (url, hub)
+    })
+}
+
+async fn search(State(hub): State<Arc<Hub>>, Query(q): Query<HashMap<String, String>>) -> Response {
+    assert_eq!(q.get("filter").map(String::as_str), Some("gguf"), "paddock asks for GGUF repositories");
+    let words: Vec<String> =
+        q.get("search").map(|s| s.to_lowercase()).unwrap_or_default().split_whitespace().map(String::from).collect();
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(20);
+    let mut hits: Vec<(&String, &Repo)> =
+        hub.repos.iter().filter(|(id, _)| words.iter().all(|w| id.to_lowercase().contains(w))).collect();
+    hits.sort_by_key(|(_, r)| std::cmp::Reverse(r.downloads));
+    let body: Vec<Value> = hits
+        .into_iter()
+        .take(limit)
+        .map(|(id, r)| json!({ "_id": "x", "id": id, "modelId": id, "downloads": r.downloads, "likes": 3, "tags": ["gguf"] }))
+        .collect();
+    axum::Json(body).into_response()
+}
+
+async fn tree(State(hub): State<Arc<Hub>>, UrlPath((owner, name)): UrlPath<(String, String)>) -> Response {
+    let Some(repo) = hub.repos.get(&format!("{owner}/{name}")) else {
+        return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": "Repository not found" }))).into_response();
+    };
+    let mut entries = vec![
+        json!({ "type": "file", "oid": "0123456789abcdef0123456789abcdef01234567", "size": 42, "path": "README.md" }),
+    ];
+    for f in &repo.files {
+        entries.push(json!({
+            "type": "file",
+            "oid": "89abcdef0123456789abcdef0123456789abcdef",
+            "size": f.size,
+            "path": f.path,
+            "lfs": { "oid": f.sha256, "size": f.size, "pointerSize": 134 },
+        }));
+    }
+    axum::Json(entries).into_response()
+}
+
+/// The hub answers a file request with a redirect to its CDN.
+async fn resolve(UrlPath((owner, name, path)): UrlPath<(String, String, String)>) -> Response {
+    (StatusCode::FOUND, [(header::LOCATION, format!("/cdn/{owner}/{name}/{path}"))]).into_response()
+}
+
+async fn serve_file(
+    State(hub): State<Arc<Hub>>,
+    UrlPath((owner, name, path)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(repo) = hub.repos.get(&format!("{owner}/{name}")) else { return StatusCode::NOT_FOUND.into_response() };
+    let Some(file) = repo.files.iter().find(|f| f.path == path) else { return StatusCode::NOT_FOUND.into_response() };
+    let start: u64 = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    hub.requests.lock().push((path.clone(), start));
+    if start >= file.size {
+        return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{}", file.size))])
+            .into_response();
+    }
+    let (source, size, throttle, corrupt_at) =
+        (file.source.clone(), file.size, repo.throttle, repo.corrupt.then_some(file.size / 2));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(source).unwrap();
+        f.seek(SeekFrom::Start(start)).unwrap();
+        let mut pos = start;
+        let chunk = 256 << 10;
+        loop {
+            let mut buf = vec![0u8; chunk];
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            if let Some(at) = corrupt_at.filter(|at| (pos..pos + n as u64).contains(at)) {
+                buf[(at - pos) as usize] ^= 0x20;
+            }
+            pos += n as u64;
+            if throttle > 0 {
+                std::thread::sleep(Duration::from_secs_f64(n as f64 / throttle as f64));
+            }
+            if tx.blocking_send(Ok(buf)).is_err() {
+                break;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(header::CONTENT_LENGTH, (size - start).into());
+    resp.headers_mut().insert(header::ACCEPT_RANGES, "bytes".parse().unwrap());
+    if start > 0 {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        resp.headers_mut().insert(header::CONTENT_RANGE, format!("bytes {start}-{}/{size}", size - 1).parse().unwrap());
+    }
+    resp
+}
+
+fn requests_for(path: &str) -> Vec<u64> {
+    hub().1.requests.lock().iter().filter(|(p, _)| p == path).map(|(_, s)| *s).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paddock, as a process.
+
+struct Paddock {
+    child: Child,
+    base: String,
+}
+
+impl Paddock {
+    async fn start(data: &Path, endpoint: &str) -> Paddock {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_paddock"))
+            .args(["serve", "--port", &port.to_string(), "--data-dir", data.to_str().unwrap()])
+            .args(["--hf-endpoint", endpoint])
+            .env_remove("HF_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Paddock { child, base: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client().get(format!("{}/health", p.base)).send().await.is_err() {
+            assert!(Instant::now() < deadline, "paddock did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = client().get(format!("{}{path}", self.base)).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = client().post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn download(&self, repo: &str, filename: &str, shards: Option<Vec<u32>>) -> Value {
+        let mut body = json!({ "repo_id": repo, "filename": filename });
+        if let Some(s) = shards {
+            body["shards"] = json!(s);
+        }
+        let (status, body) = self.post("/api/admin/hf/download-shards", body).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["status"], "downloading");
+        body
+    }
+
+    /// Waits until `pred` holds for the download `id`, and returns it.
+    async fn wait_download(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, list) = self.get("/api/admin/downloads").await;
+            let found = list["downloads"].as_array().and_then(|d| d.iter().find(|d| d["id"] == id)).cloned();
+            if let Some(d) = found.filter(|d| pred(d)) {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "download {id} never became {what}: {list}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Paddock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+fn models_dir_files(data: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data.join("models"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn is_done(status: &'static str) -> impl Fn(&Value) -> bool {
+    move |d| d["status"] == status
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn search_probe_and_downloads_of_whole_and_split_models() {
+    let (hub_url, _) = hub();
+    let data = tempfile::tempdir().unwrap();
+    let p = Paddock::start(data.path(), hub_url).await;
+
+    // Search: GGUF repositories, most downloaded first, variants grouped, Q4_K_M recommended.
+    let (status, hits) = p.get("/api/admin/hf/search?query=gemma%20270m&limit=10").await;
+    assert_eq!(status, 200, "{hits}");
+    let hits = hits.as_array().unwrap();
+    let ids: Vec<&str> = hits.iter().map(|h| h["repo_id"].as_str().unwrap()).collect();
+    assert_eq!(ids[..2], [FAST, SPLIT], "{ids:?}");
+    let fast = &hits[0];
+    assert_eq!(fast["downloads"], 900);
+    assert_eq!(fast["recommended_variant"], "Q4_K_M");
+    assert_eq!(fast["recommended_filename"], "gemma-3-270m-Q4_K_M.gguf");
+    assert_eq!(fast["fits_memory"], true, "a 250 MB model fits this machine: {fast}");
+    assert_eq!(fast["fits_vram"], false, "no GPU here");
+    assert_eq!(fast["variants"].as_array().unwrap().len(), 1, "README.md is no variant: {fast}");
+    let model_size = std::fs::metadata(common::model_path()).unwrap().len();
+    assert_eq!(fast["variants"][0]["size_bytes"], model_size);
+    let split = &hits[1];
+    assert_eq!(split["variants"][0]["filename"], "gemma-3-270m-split-Q4_K_M-00001-of-00002.gguf");
+    assert_eq!(split["variants"][0]["parts"].as_array().unwrap().len(), 2);
+    let (status, none) = p.get("/api/admin/hf/search?query=llama").await;
+    assert_eq!((status, none), (200, json!([])));
+
+    // Probe a later part: the whole model's layout.
+    let part2 = "gemma-3-270m-split-Q4_K_M-00002-of-00002.gguf";
+    let (status, probe) = p.get(&format!("/api/admin/hf/probe?repo_id={SPLIT}&filename={part2}")).await;
+    assert_eq!(status, 200, "{probe}");
+    assert_eq!(probe["split"], true);
+    assert_eq!(probe["shard_count"], 2);
+    assert_eq!(probe["model_id"], "gemma-3-270m-split-Q4_K_M");
+    assert_eq!(probe["parts"][1]["filename"], part2);
+    assert_eq!(probe["parts"][1]["present"], false);
+    let split_size: u64 = probe["parts"].as_array().unwrap().iter().map(|p| p["size_bytes"].as_u64().unwrap()).sum();
+    assert_eq!(probe["size_bytes"], split_size);
+
+    // Bad input: clear errors, nothing started.
+    for (query, code, param) in [
+        (format!("repo_id=../etc&filename={part2}"), 400, "repo_id"),
+        (format!("repo_id={SPLIT}&filename=../../x.gguf"), 400, "filename"),
+        (format!("repo_id={SPLIT}&filename=missing.gguf"), 404, ""),
+        (format!("repo_id=paddock-test/nope&filename={part2}"), 404, ""),
+    ] {
+        let (status, body) = p.get(&format!("/api/admin/hf/probe?{query}")).await;
+        assert_eq!(status, code, "{query}: {body}");
+        assert!(body["error"].is_string() && body["code"].is_string(), "{body}");
+        if !param.is_empty() {
+            assert!(body["details"].as_str().unwrap().contains(param), "{body}");
+        }
+    }
+    let (status, body) =
+        p.post("/api/admin/hf/download-shards", json!({ "repo_id": SPLIT, "filename": part2, "shards": [2] })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["details"].as_str().unwrap().contains("2 parts"), "{body}");
+
+    // Only the second part of the split model: the registry sees an incomplete model.
+    let started = p.download(SPLIT, part2, Some(vec![1])).await;
+    let id = started["model_id"].as_str().unwrap().to_string();
+    let done = p.wait_download(&id, "completed", is_done("completed")).await;
+    assert_eq!(done["files"].as_array().unwrap().len(), 1, "{done}");
+    assert_eq!(done["progress"], 1.0);
+    let (_, model) = p.get(&format!("/api/admin/models/{id}")).await;
+    assert_eq!(model["complete"], false, "{model}");
+    let present: Vec<bool> =
+        model["shards"].as_array().unwrap().iter().map(|s| s["present"].as_bool().unwrap()).collect();
+    assert_eq!(present, [false, true], "{model}");
+
+    // The rest: only the missing part is fetched.
+    let before = requests_for(part2).len();
+    p.download(SPLIT, part2, None).await;
+    let done = p.wait_download(&id, "completed", is_done("completed")).await;
+    assert_eq!(requests_for(part2).len(), before, "the part already here is not fetched again");
+    assert_eq!(done["files"][0]["status"], "done");
+    let (_, model) = p.get(&format!("/api/admin/models/{id}")).await;
+    assert_eq!(model["complete"], true, "{model}");
+    assert_eq!(model["source"]["kind"], "huggingface");
+    assert_eq!(model["source"]["repo_id"], SPLIT);
+    assert_eq!(model["trust_level"], "Downloaded");
+    assert_eq!(model["architecture"], "gemma3");
+    let (status, meta) = p.get(&format!("/api/admin/models/{id}/metadata")).await;
+    assert_eq!(status, 200, "{meta}");
+    let (status, source) = p.get(&format!("/api/admin/hf/source/{id}")).await;
+    assert_eq!((status, source["repo_id"].as_str()), (200, Some(SPLIT)), "{source}");
+
+    // A whole model; asking again when it is here is `already_local`.
+    let file = "gemma-3-270m-Q4_K_M.gguf";
+    p.download(FAST, file, None).await;
+    let done = p.wait_download("gemma-3-270m-Q4_K_M", "completed", is_done("completed")).await;
+    assert_eq!(done["downloaded_bytes"], model_size);
+    assert_eq!(sha256_file(&data.path().join("models").join(file)), hub().1.repos[FAST].files[0].sha256);
+    let (status, again) = p.post("/api/admin/hf/download-shards", json!({ "repo_id": FAST, "filename": file })).await;
+    assert_eq!((status, again["status"].as_str()), (200, Some("already_local")), "{again}");
+    let (status, ended) = p.post("/api/admin/downloads/gemma-3-270m-Q4_K_M/cancel", json!({})).await;
+    assert_eq!((status, ended["code"].as_str()), (409, Some("DOWNLOAD_NOT_ACTIVE")), "{ended}");
+    let (status, _) = p.post("/api/admin/downloads/nothing/cancel", json!({})).await;
+    assert_eq!(status, 404);
+
+    // Nothing half-written is left beside the models.
+    let files = models_dir_files(data.path());
+    assert!(
+        files.iter().all(|f| !f.ends_with(".part") && !f.ends_with(".part.json") && !f.contains(".tmp")),
+        "{files:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_or_killed_download_resumes_where_it_stopped() {
+    let (hub_url, hub) = hub();
+    let data = tempfile::tempdir().unwrap();
+    let file = "gemma-3-270m-slow-Q4_K_M.gguf";
+    let id = "gemma-3-270m-slow-Q4_K_M";
+    let size = hub.repos[SLOW].files[0].size;
+    let part = data.path().join("models").join(format!("{file}.part"));
+    let mut p = Paddock::start(data.path(), hub_url).await;
+
+    p.download(SLOW, file, None).await;
+    let running = p.wait_download(id, "a fifth done", |d| d["progress"].as_f64().unwrap() > 0.2).await;
+    assert!(running["speed_bytes_per_sec"].as_u64().unwrap() > 0, "{running}");
+    assert!(running["eta_secs"].as_u64().is_some(), "{running}");
+    let (status, _) = p.post(&format!("/api/admin/downloads/{id}/cancel"), json!({})).await;
+    assert_eq!(status, 200);
+    let cancelled = p.wait_download(id, "cancelled", is_done("cancelled")).await;
+    let kept = std::fs::metadata(&part).expect("the part stays after a cancel").len();
+    assert!(kept > size / 5, "{kept} bytes kept; {cancelled}");
+    assert!(!data.path().join("models").join(file).exists(), "no file under the model's name yet");
+
+    // Asked again: it goes on from the part, with a range.
+    p.download(SLOW, file, None).await;
+    let resumed = p.wait_download(id, "half done", |d| d["progress"].as_f64().unwrap() > 0.5).await;
+    assert!(resumed["resumed_from_bytes"].as_u64().unwrap() >= kept, "{resumed}");
+    let starts = requests_for(file);
+    assert!(starts.len() >= 2 && starts[starts.len() - 1] >= kept, "range starts {starts:?}, kept {kept}");
+
+    // SIGKILL mid-download; the next paddock resumes by itself and lands a verified file.
+    p.kill9();
+    let at_kill = std::fs::metadata(&part).unwrap().len();
+    assert!(at_kill > size / 2 && at_kill < size, "{at_kill} of {size}");
+    let p = Paddock::start(data.path(), hub_url).await;
+    let done = p.wait_download(id, "completed", is_done("completed")).await;
+    assert!(done["resumed_from_bytes"].as_u64().unwrap() >= at_kill, "{done}");
+    let starts = requests_for(file);
+    assert!(*starts.last().unwrap() >= at_kill, "the resumed request starts at the part's end: {starts:?}");
+    let landed = data.path().join("models").join(file);
+    assert_eq!(sha256_file(&landed), hub.repos[SLOW].files[0].sha256);
+    let files = models_dir_files(data.path());
+    assert_eq!(files, [file.to_string(), format!("{file}.source.json")], "{files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_byte_fails_the_checksum_and_the_file_is_discarded() {
+    let (hub_url, _) = hub();
+    let data = tempfile::tempdir().unwrap();
+    let p = Paddock::start(data.path(), hub_url).await;
+    p.download(CORRUPT, "gemma-3-270m-corrupt-Q4_K_M.gguf", None).await;
+    let failed = p.wait_download("gemma-3-270m-corrupt-Q4_K_M", "failed", is_done("failed")).await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("checksum mismatch") && error.contains("discarded"), "{failed}");
+    assert_eq!(models_dir_files(data.path()), Vec::<String>::new(), "nothing is left");
+    let (_, models) = p.get("/api/admin/models").await;
+    assert_eq!(models["models"], json!([]));
+
+    // A hub that cannot be reached is a 502 that names it, not a hang.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let offline = tempfile::tempdir().unwrap();
+    let q = Paddock::start(offline.path(), &format!("http://{closed}")).await;
+    let (status, body) = q.get("/api/admin/hf/search?query=gemma").await;
+    assert_eq!((status, body["code"].as_str()), (502, Some("HUB_UNREACHABLE")), "{body}");
+    assert!(body["details"].as_str().unwrap().contains(&closed.to_string()), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hf_repo_instance_downloads_its_model_then_chats() {
+    let (hub_url, _) = hub();
+    let data = tempfile::tempdir().unwrap();
+    let p = Paddock::start(data.path(), hub_url).await;
+    let (status, body) = p
+        .post(
+            "/api/instances/hub-chat",
+            json!({ "backend_type": "llama_cpp", "backend_options": { "hf_repo": FAST, "ctx_size": 512, "threads": 2 } }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = p.post("/api/instances/hub-chat/start", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, i) = p.get("/api/instances/hub-chat").await;
+        match i["status"].as_str() {
+            Some("running") => break,
+            Some("failed") => panic!("the instance failed: {i}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "never running: {i}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = client()
+        .get(format!("{}/api/instances/hub-chat/logs?lines=2000", p.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(logs.contains("downloading gemma-3-270m-Q4_K_M.gguf"), "{logs}");
+    let (status, chat) = p
+        .post(
+            "/v1/chat/completions",
+            json!({ "model": "hub-chat", "messages": [{ "role": "user", "content": "Hello" }], "max_tokens": 3 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{chat}");
+    assert!(chat["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{chat}");
+    let (_, models) = p.get("/api/admin/models").await;
+    assert_eq!(models["models"][0]["source"]["repo_id"], FAST, "{models}");
+}
