@@ -176,6 +176,58 @@ impl Config {
         Ok((next, report))
     }
 
+    /// The configuration after re-reading the config file's `text`: the operational keys the
+    /// file sets (`max_running_instances`, `on_demand_start_timeout`, `model_dirs`) apply now;
+    /// other keys it sets to a new value are reported as waiting for a restart and keep their
+    /// current value. Keys the file leaves out keep theirs (flags and environment stay in force).
+    pub fn reloaded(&self, text: &str) -> Result<(Config, ChangeReport), String> {
+        let keys: serde_yaml::Mapping = if text.trim().is_empty() {
+            serde_yaml::Mapping::new()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| e.to_string())?
+        };
+        let file: Config =
+            if keys.is_empty() { Config::default() } else { serde_yaml::from_str(text).map_err(|e| e.to_string())? };
+        file.validate()?;
+        let given = |k: &str| keys.contains_key(k);
+        let mut next = self.clone();
+        let mut report = ChangeReport::default();
+        macro_rules! live {
+            ($field:ident) => {
+                if given(stringify!($field)) && file.$field != self.$field {
+                    next.$field = file.$field.clone();
+                    report.applied.push(stringify!($field));
+                }
+            };
+        }
+        macro_rules! later {
+            ($field:ident) => {
+                if given(stringify!($field)) && file.$field != self.$field {
+                    report.restart_required.push(stringify!($field));
+                }
+            };
+        }
+        live!(max_running_instances);
+        live!(on_demand_start_timeout);
+        live!(model_dirs);
+        later!(host);
+        later!(port);
+        later!(data_dir);
+        later!(rate_limits);
+        later!(cors_origins);
+        later!(hf_endpoint);
+        // Secrets are not serialized, so compare what can be compared of auth.
+        if given("auth")
+            && (file.auth.admin_username != self.auth.admin_username
+                || file.auth.token_ttl != self.auth.token_ttl
+                || file.auth.jwt_secret != self.auth.jwt_secret)
+        {
+            report.restart_required.push("auth");
+        }
+        next.validate()?;
+        Ok((next, report))
+    }
+
     /// The configuration with its secrets masked, for showing.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
@@ -316,6 +368,24 @@ mod tests {
         assert_eq!(c.port, 9100);
         assert_eq!(c.host.to_string(), "0.0.0.0");
         assert_eq!(c.data_dir, default_data_dir());
+    }
+
+    #[test]
+    fn a_reload_applies_operational_keys_and_reports_the_rest() {
+        let current = Config { port: 9000, ..Default::default() };
+        let (next, report) = current
+            .reloaded("max_running_instances: 2\nport: 9100\nmodel_dirs: [/models]\non_demand_start_timeout: 120\n")
+            .unwrap();
+        assert_eq!(next.max_running_instances, Some(2));
+        assert_eq!(next.model_dirs, vec![PathBuf::from("/models")]);
+        assert_eq!(next.port, 9000, "a port change waits for a restart");
+        assert_eq!(report.applied, vec!["max_running_instances", "model_dirs"], "unchanged keys are not reported");
+        assert_eq!(report.restart_required, vec!["port"]);
+        // Keys the file leaves out keep their values; a bad file changes nothing.
+        let (same, report) = next.reloaded("").unwrap();
+        assert_eq!((same, report), (next.clone(), ChangeReport::default()));
+        assert!(next.reloaded("max_running_instances: 0").unwrap_err().contains("at least 1"));
+        assert!(next.reloaded("nope: 1").is_err());
     }
 
     #[test]

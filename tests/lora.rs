@@ -20,10 +20,23 @@ async fn adapters_change_output_by_instance_and_request_scale() {
     let adapter = dir.path().join("lora.gguf");
     common::gguf_variant("lora", &adapter);
 
-    let s = common::spawn_server(|_| {});
+    // Adapters may be registered from the adapter's directory (a model dir) and no other.
+    let model_dir = common::model_path().parent().unwrap().to_path_buf();
+    let adapter_dir = dir.path().to_path_buf();
+    let s = common::spawn_server(move |c| c.model_dirs = vec![adapter_dir, model_dir]);
     let options = |lora: Value| json!({ "context_size": 1024, "parallel": 2, "threads": 2, "lora": lora });
+
+    // Registered by id, with rank and alpha read from the file; the instance attaches it by id.
+    let (status, body) = s.post("/api/admin/adapters", json!({ "id": "tuned-lora", "path": adapter })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "ok");
+    assert_eq!((body["adapter"]["rank"].as_u64(), body["adapter"]["alpha"].as_f64()), (Some(4), Some(8.0)), "{body}");
+    assert_eq!(body["adapter"]["name"], "tuned-lora");
+    let (_, list) = s.get("/api/admin/adapters").await;
+    assert_eq!(list["adapters"][0]["id"], "tuned-lora", "{list}");
+
     s.running_instance("base", options(json!([]))).await;
-    s.running_instance("tuned", options(json!([{ "path": adapter, "scale": 1.0 }]))).await;
+    s.running_instance("tuned", options(json!([{ "adapter": "tuned-lora", "scale": 1.0 }]))).await;
 
     let base = greedy(&s, "base", json!({})).await;
     let tuned = greedy(&s, "tuned", json!({})).await;
@@ -78,6 +91,38 @@ async fn adapters_change_output_by_instance_and_request_scale() {
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body["details"].as_str().unwrap().contains("one LoRA adapter at a time"), "{body}");
+
+    // Registration refuses what llama.cpp could not load, and paths outside the allowed dirs.
+    let safetensors = dir.path().join("adapter.safetensors");
+    let header = br#"{"__metadata__":{}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header);
+    std::fs::write(&safetensors, bytes).unwrap();
+    let outside = tempfile::NamedTempFile::new().unwrap();
+    for (path, says) in [
+        (safetensors.to_str().unwrap(), "convert_lora_to_gguf.py"),
+        (common::model_path().to_str().unwrap(), "not a LoRA adapter"),
+        ("../../etc/passwd", "'..'"),
+        (outside.path().to_str().unwrap(), "outside the directories"),
+        ("missing.gguf", "No such file"),
+    ] {
+        let (status, body) = s.post("/api/admin/adapters", json!({ "path": path })).await;
+        assert_eq!((status, body["code"].as_str()), (400, Some("INVALID_ADAPTER")), "{path}: {body}");
+        assert!(body["details"].as_str().unwrap().contains(says), "{path}: {body}");
+    }
+    let (status, body) = s.post("/api/admin/adapters", json!({ "id": "tuned-lora", "path": adapter })).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("ADAPTER_EXISTS")), "{body}");
+    let unknown = json!([{ "adapter": "nope", "scale": 1.0 }]);
+    let (status, body) = s
+        .post("/api/instances", json!({ "name": "x", "model_path": common::model_path(), "options": options(unknown) }))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["details"].as_str().unwrap().contains("no adapter 'nope'"), "{body}");
+    let (status, body) = s.delete("/api/admin/adapters/tuned-lora").await;
+    assert_eq!((status, body["message"].as_str()), (200, Some("Adapter 'tuned-lora' removed")), "{body}");
+    assert!(adapter.is_file(), "the file stays");
+    let (status, _) = s.delete("/api/admin/adapters/tuned-lora").await;
+    assert_eq!(status, 404);
     // An adapter file that is not there fails the start with the reason.
     let missing = json!([{ "path": dir.path().join("nope.gguf") }]);
     let (status, _) = s

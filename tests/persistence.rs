@@ -163,3 +163,23 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
     let keep = wait_status(&second.base, "keep", "running").await;
     assert_eq!(keep["options"]["context_size"], 256);
 }
+
+/// `POST /api/admin/shutdown` drains and stops the instances, then the process exits cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_shutdown_route_ends_the_process_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let mut p = Paddock::start(data.path()).await;
+    let resp = client().post(format!("{}/api/admin/shutdown", p.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "shutting_down");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "paddock did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+}

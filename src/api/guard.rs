@@ -64,6 +64,8 @@ pub fn classify<'a>(method: &Method, path: &'a str) -> Class<'a> {
         ["auth", "refresh"] => management(Need::LoginToken, false),
         ["auth", ..] => management(Need::Admin, false),
         _ if !write => management(Need::Read, false),
+        // The node's settings and its life are the admin's.
+        ["admin", "shutdown"] | ["admin", "config", ..] | ["admin", "adapters", ..] => management(Need::Admin, false),
         ["instances"] | ["instances", "start-all"] | ["instances", _, "start" | "restart"] => {
             management(Need::Write, *method == Method::POST)
         }

@@ -120,6 +120,29 @@ fn parse_body(value: Value) -> Result<Body, ApiError> {
     Ok(body)
 }
 
+/// Replaces `{"adapter": "<id>"}` entries of `lora` (in `options` or `backend_options`) by the
+/// registered adapter's path, so instances attach adapters by id.
+fn with_adapter_paths(state: &AppState, mut value: Value) -> Result<Value, ApiError> {
+    for key in ["options", "backend_options"] {
+        let Some(Value::Array(lora)) = value.get_mut(key).and_then(|o| o.get_mut("lora")) else { continue };
+        for (i, entry) in lora.iter_mut().enumerate() {
+            let Some(map) = entry.as_object_mut() else { continue };
+            let Some(id) = map.remove("adapter") else { continue };
+            let Some(id) = id.as_str() else {
+                return Err(invalid(format!("{key}.lora[{i}].adapter must be an adapter id (a string)")));
+            };
+            if map.contains_key("path") {
+                return Err(invalid(format!("{key}.lora[{i}]: give either adapter or path, not both")));
+            }
+            let adapter = state.adapters.get(id).ok_or_else(|| {
+                invalid(format!("{key}.lora[{i}].adapter: no adapter '{id}'; GET /api/admin/adapters lists them"))
+            })?;
+            map.insert("path".into(), json!(adapter.path));
+        }
+    }
+    Ok(value)
+}
+
 fn take<T: serde::de::DeserializeOwned>(map: &mut Map<String, Value>, key: &str) -> Result<Option<T>, ApiError> {
     match map.remove(key) {
         None | Some(Value::Null) => Ok(None),
@@ -157,7 +180,7 @@ fn parse_for(value: Value, name: &str, mismatch: &str) -> Result<Body, ApiError>
     ),
 )]
 async fn create(State(state): State<AppState>, Json(value): Json<Value>) -> Result<impl IntoResponse, ApiError> {
-    let body = parse_body(value)?;
+    let body = parse_body(with_adapter_paths(&state, value)?)?;
     let name = body.name.clone().ok_or_else(|| invalid("missing field `name`"))?;
     create_from(&state, name, body).await
 }
@@ -184,7 +207,8 @@ async fn create_named(
     Path(name): Path<String>,
     Json(value): Json<Value>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = parse_for(value, &name, "the name in the body differs from the one in the path")?;
+    let body =
+        parse_for(with_adapter_paths(&state, value)?, &name, "the name in the body differs from the one in the path")?;
     create_from(&state, name, body).await
 }
 
@@ -222,7 +246,7 @@ async fn update(
     Path(name): Path<String>,
     Json(value): Json<Value>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let body = parse_for(value, &name, "an instance cannot be renamed")?;
+    let body = parse_for(with_adapter_paths(&state, value)?, &name, "an instance cannot be renamed")?;
     let patch = SpecPatch { source: body.source, port: body.port, options: body.options, policy: body.policy };
     let (instance, restart_required) = state.registry.update(&name, &patch).await?;
     let message = if restart_required {

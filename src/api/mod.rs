@@ -30,6 +30,7 @@ mod hub;
 pub mod instances;
 pub mod limits;
 pub mod llama;
+mod node;
 mod oai_output;
 pub mod openai;
 mod params;
@@ -76,6 +77,11 @@ pub struct AppState {
     pub downloads: crate::models::Downloads,
     /// Cancelled when the server shuts down: long-lived connections (WebSockets) end on it.
     pub shutdown: CancellationToken,
+    /// Cancelled to ask the server to shut down (`POST /api/admin/shutdown`): instances drain
+    /// and stop, then [`serve`] returns.
+    pub stop: CancellationToken,
+    /// Registered LoRA adapters (`/api/admin/adapters`).
+    pub adapters: Arc<crate::models::adapters::AdapterStore>,
 }
 
 impl AppState {
@@ -99,8 +105,11 @@ impl AppState {
                 Box::pin(async move { downloads.fetch_model(&repo, file.as_deref(), &*log).await })
             })
         });
+        let adapters = crate::models::adapters::AdapterStore::open(&config.data_dir, config.model_search_dirs())?;
         Ok(AppState {
             downloads,
+            adapters: Arc::new(adapters),
+            stop: CancellationToken::new(),
             registry,
             auth,
             limits: Arc::new(limits::RateLimits::new(&config.rate_limits)),
@@ -170,6 +179,7 @@ fn management() -> OpenApiRouter<AppState> {
         .merge(ws::routes())
         .merge(admin::routes())
         .merge(hub::routes())
+        .merge(node::routes())
 }
 
 /// llama-server's routes of one instance, where llamactl proxies them.
@@ -201,8 +211,14 @@ pub async fn serve(
     tokio::spawn(async move { registry.resume().await });
     state.downloads.resume_interrupted();
     let token = state.shutdown.clone();
+    let (stop, registry) = (state.stop.clone(), state.registry.clone());
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop.cancelled() => {
+                registry.stop_all(crate::instance::StopMode::default()).await;
+            }
+        }
         token.cancel();
     };
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -161,7 +161,7 @@ async fn alerts(State(state): State<AppState>) -> impl IntoResponse {
     tag = "system",
     responses((status = 200, description = "The configuration in effect", body = crate::config::Config)),
 )]
-async fn config(State(state): State<AppState>) -> impl IntoResponse {
+pub(super) async fn config(State(state): State<AppState>) -> impl IntoResponse {
     axum::Json(json!(state.config.read().redacted()))
 }
 
@@ -182,7 +182,7 @@ async fn config(State(state): State<AppState>) -> impl IntoResponse {
         (status = 500, description = "The file could not be written (`CONFIG_SAVE_FAILED`)", body = ErrorBody),
     ),
 )]
-async fn update_config(
+pub(super) async fn update_config(
     State(state): State<AppState>,
     Json(patch): Json<ConfigPatch>,
 ) -> Result<impl IntoResponse, ApiError> {

@@ -5,10 +5,12 @@
 //! - [`registry`]: the local models (data dir `models/` and `model_dirs`), split parts, memory
 //!   estimates, and where each came from.
 //! - [`metadata`]: a model's header in the shape of `GET /api/admin/models/{id}/metadata`.
+//! - [`adapters`]: registered LoRA adapters, attached to instances by id.
 //! - [`arch`]: the architectures the linked llama.cpp loads.
 //! - [`hub`]: the Hugging Face hub's HTTP API (search, a repository's files).
 //! - [`download`]: resumable, verified downloads from the hub into `models/`.
 
+pub mod adapters;
 pub mod arch;
 pub mod download;
 pub mod gguf;

@@ -7,6 +7,7 @@ mod generation;
 mod llama_routes;
 mod management;
 mod models;
+mod node;
 mod openapi;
 mod supervision;
 mod web;
