@@ -8,7 +8,7 @@ import { api, keepSignedIn, live, onUnauthorized, session } from './api.js';
 import { ChatDialog } from './chat.js';
 import { InstanceForm } from './form.js';
 import { LogsDialog } from './logs.js';
-import { instanceNameFor, ModelsView } from './models.js';
+import { instanceNameFor, ModelsView, newerDownload } from './models.js';
 import { baseName, formatBytes, formatDuration, html, Modal } from './ui.js';
 
 // ---- sign-in -------------------------------------------------------------------------------
@@ -242,7 +242,11 @@ function Dashboard({ onSignOut }) {
   const loadDownloads = useCallback(async () => {
     try {
       const r = await api('/api/admin/downloads');
-      setDownloads(Object.fromEntries(r.downloads.map((d) => [d.id, d])));
+      setDownloads((old) => {
+        const next = { ...old };
+        for (const d of r.downloads) next[d.id] = newerDownload(old[d.id], d);
+        return next;
+      });
     } catch (_) {
       /* shown when the view's own calls fail */
     }
@@ -294,7 +298,7 @@ function Dashboard({ onSignOut }) {
             setModelsVersion((v) => v + 1);
             break;
           case 'download_progress':
-            setDownloads((old) => ({ ...old, [d.id]: d }));
+            setDownloads((old) => ({ ...old, [d.id]: newerDownload(old[d.id], d) }));
             break;
           case 'models_changed':
             setModelsVersion((v) => v + 1);
@@ -388,7 +392,7 @@ function Dashboard({ onSignOut }) {
           <button type="button" class="icon" aria-label="Dismiss alert" onClick=${() => setAlerts((old) => old.filter((_, j) => j !== i))}>×</button></li>`)}</ul>` : null}
       <div id="panel-models" role="tabpanel" aria-labelledby="tab-models" hidden=${view !== 'models'}>
         ${modelsSeen ? html`<${ModelsView} downloads=${downloads} version=${modelsVersion} onCreate=${createFrom}
-          onDownloadStarted=${(d) => setDownloads((old) => ({ ...old, [d.id]: d }))} />` : null}
+          onDownloadStarted=${(d) => setDownloads((old) => ({ ...old, [d.id]: newerDownload(old[d.id], d) }))} />` : null}
       </div>
       <div id="panel-instances" role="tabpanel" aria-labelledby="tab-instances" hidden=${view !== 'instances'}>
       <div class="content-head">

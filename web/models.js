@@ -15,6 +15,19 @@ export function modelIdOf(filename) {
     .replace(/-\d{5}-of-\d{5}$/, '');
 }
 
+/**
+ * Which of two reports of a download to keep: a later run's, else the one further along. The
+ * POST's answer, the list fetched on (re)connect and the socket's events may arrive in any order.
+ */
+export function newerDownload(old, next) {
+  if (!old) return next;
+  const [a, b] = [Date.parse(old.started_at), Date.parse(next.started_at)];
+  if (a !== b) return b > a ? next : old;
+  const ended = (d) => !ACTIVE.includes(d.status);
+  if (ended(old) !== ended(next)) return ended(old) ? old : next;
+  return next.downloaded_bytes >= old.downloaded_bytes ? next : old;
+}
+
 /** An instance name for a model id, unlike any in `taken`. */
 export function instanceNameFor(id, taken) {
   const base =
