@@ -1,7 +1,9 @@
-//! The dashboard in a real browser: starts the built `paddock` with auth on, then runs
-//! `tests/e2e/dashboard.mjs` (playwright-core driving Debian's chromium) against it. The script
-//! signs in, creates, starts, chats with, edits, stops and deletes an instance of the test model
-//! through the page, and saves screenshots under `target/tmp/dashboard/`.
+//! The dashboard in a real browser: starts the built `paddock` with auth on, pointed at the
+//! local test hub (`common::hub`), then runs `tests/e2e/dashboard.mjs` (playwright-core driving
+//! Debian's chromium) against it. The script signs in, creates, starts, chats with, edits, stops
+//! and deletes an instance of the test model through the page; then, in the Models view, finds
+//! the model on the hub, downloads it with a progress bar, creates an instance from it and chats
+//! with it (`tests/e2e/models.mjs`). Screenshots go under `target/tmp/dashboard/`.
 //!
 //! `scripts/test` installs chromium and the script's npm package; running this test alone needs
 //! them too (`apt-get install chromium`, `npm ci --prefix tests/e2e`).
@@ -51,6 +53,8 @@ fn the_dashboard_manages_an_instance_in_chromium() {
         "playwright-core is missing: run `npm ci --prefix tests/e2e` (scripts/test does)"
     );
     let model = common::model_path();
+    let (hub_url, hub) = common::hub::hub();
+    let hub_file = &hub.repos[common::hub::FAST].files[0].path;
     let data = tempfile::tempdir().unwrap();
     let out: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     let _ = std::fs::remove_dir_all(&out);
@@ -62,8 +66,10 @@ fn the_dashboard_manages_an_instance_in_chromium() {
             .args(["serve", "--port", &port.to_string()])
             .arg("--data-dir")
             .arg(data.path())
+            .args(["--hf-endpoint", hub_url])
             .env("PADDOCK_ADMIN_PASSWORD", password)
             .env_remove("PADDOCK_CONFIG")
+            .env_remove("HF_TOKEN")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -77,12 +83,26 @@ fn the_dashboard_manages_an_instance_in_chromium() {
         .env("PADDOCK_URL", format!("http://127.0.0.1:{port}"))
         .env("PADDOCK_ADMIN_PASSWORD", password)
         .env("PADDOCK_TEST_MODEL", &model)
+        .env("PADDOCK_HUB_URL", hub_url)
+        .env("PADDOCK_HUB_REPO", common::hub::FAST)
+        .env("PADDOCK_HUB_FILE", hub_file)
         .env("OUT_DIR", &out)
         .env("CHROMIUM", &chromium)
         .status()
         .expect("run node (scripts/install-deps installs nodejs)");
     assert!(status.success(), "the browser test failed (screenshots, and failure.png, in {})", out.display());
-    for shot in ["01-sign-in", "04-dashboard-running", "05-chat", "06-logs", "08-dark", "09-narrow"] {
+    for shot in [
+        "01-sign-in",
+        "04-dashboard-running",
+        "05-chat",
+        "06-logs",
+        "08-dark",
+        "09-narrow",
+        "10-models",
+        "11-download",
+        "12-model-chat",
+        "13-models-narrow",
+    ] {
         let png = out.join(format!("{shot}.png"));
         let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
         assert!(bytes.starts_with(b"\x89PNG"), "{} is a PNG", png.display());

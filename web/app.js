@@ -1,5 +1,6 @@
-// The dashboard: sign-in, the instance cards kept current by /api/ws, the system panel, and
-// the dialogs (create/edit, logs, chat, delete).
+// The dashboard: sign-in, two views (the instance cards, and the models with Hugging Face
+// search and downloads) kept current by /api/ws, the system panel, and the dialogs
+// (create/edit, logs, chat, delete).
 
 import { render } from 'preact';
 import { useCallback, useEffect, useRef, useState } from 'preact/hooks';
@@ -7,6 +8,7 @@ import { api, keepSignedIn, live, onUnauthorized, session } from './api.js';
 import { ChatDialog } from './chat.js';
 import { InstanceForm } from './form.js';
 import { LogsDialog } from './logs.js';
+import { instanceNameFor, ModelsView, newerDownload } from './models.js';
 import { baseName, formatBytes, formatDuration, html, Modal } from './ui.js';
 
 // ---- sign-in -------------------------------------------------------------------------------
@@ -166,6 +168,38 @@ function ConfirmDelete({ name, onClose, onDeleted }) {
     <//>`;
 }
 
+// ---- views ---------------------------------------------------------------------------------
+
+const VIEWS = [
+  { id: 'instances', label: 'Instances' },
+  { id: 'models', label: 'Models' },
+];
+
+function viewOfHash() {
+  return location.hash === '#models' ? 'models' : 'instances';
+}
+
+/** The view switcher: ARIA tabs, arrow keys / Home / End move between them. */
+function Tabs({ view, onChange, activeDownloads }) {
+  const onKey = (e) => {
+    const i = VIEWS.findIndex((v) => v.id === view);
+    const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: VIEWS.length - 1 }[e.key];
+    if (to === undefined) return;
+    e.preventDefault();
+    const next = VIEWS[(to + VIEWS.length) % VIEWS.length].id;
+    onChange(next);
+    document.getElementById(`tab-${next}`).focus();
+  };
+  return html`
+    <nav class="tabs" role="tablist" aria-label="Views" onKeyDown=${onKey}>
+      ${VIEWS.map((v) => html`
+        <button type="button" role="tab" id=${`tab-${v.id}`} key=${v.id} aria-selected=${view === v.id ? 'true' : 'false'}
+          aria-controls=${`panel-${v.id}`} tabindex=${view === v.id ? 0 : -1} onClick=${() => onChange(v.id)}>
+          ${v.label}${v.id === 'models' && activeDownloads ? html` <span class="count" title="Downloads in progress">${activeDownloads}</span>` : null}
+        </button>`)}
+    </nav>`;
+}
+
 // ---- the page ------------------------------------------------------------------------------
 
 function Dashboard({ onSignOut }) {
@@ -178,6 +212,11 @@ function Dashboard({ onSignOut }) {
   const [dialog, setDialog] = useState(null); // {kind, instance}
   const [alerts, setAlerts] = useState([]);
   const [loadError, setLoadError] = useState(null);
+  const [view, setView] = useState(viewOfHash);
+  const [modelsSeen, setModelsSeen] = useState(view === 'models');
+  const [downloads, setDownloads] = useState({});
+  // Bumped when the local models may have changed: a download landed, instances changed.
+  const [modelsVersion, setModelsVersion] = useState(0);
   const checking = useRef(new Set());
 
   const upsert = (instance) =>
@@ -198,6 +237,18 @@ function Dashboard({ onSignOut }) {
       setLoadError(null);
     } catch (err) {
       if (err.status !== 401) setLoadError(err);
+    }
+  }, []);
+  const loadDownloads = useCallback(async () => {
+    try {
+      const r = await api('/api/admin/downloads');
+      setDownloads((old) => {
+        const next = { ...old };
+        for (const d of r.downloads) next[d.id] = newerDownload(old[d.id], d);
+        return next;
+      });
+    } catch (_) {
+      /* shown when the view's own calls fail */
     }
   }, []);
   const loadOne = useCallback(async (name) => {
@@ -224,7 +275,11 @@ function Dashboard({ onSignOut }) {
   useEffect(() => {
     const socket = live({
       onState: setConnection,
-      onOpen: loadAll,
+      onOpen: () => {
+        loadAll();
+        loadDownloads();
+        setModelsVersion((v) => v + 1);
+      },
       onEvent: (e) => {
         const d = e.data || {};
         switch (e.type) {
@@ -236,9 +291,20 @@ function Dashboard({ onSignOut }) {
           case 'instance_created':
           case 'instance_updated':
             loadOne(d.name);
+            setModelsVersion((v) => v + 1);
             break;
           case 'instance_deleted':
             remove(d.name);
+            setModelsVersion((v) => v + 1);
+            break;
+          case 'download_progress':
+            setDownloads((old) => ({ ...old, [d.id]: newerDownload(old[d.id], d) }));
+            break;
+          case 'models_changed':
+            setModelsVersion((v) => v + 1);
+            break;
+          case 'activity_event':
+            setAlerts((old) => [{ level: d.toast_level, message: d.message, at: e.timestamp }, ...old].slice(0, 5));
             break;
           case 'instance_stats_updated':
             setStats((old) => ({ ...old, [d.name]: d }));
@@ -248,6 +314,8 @@ function Dashboard({ onSignOut }) {
             break;
           case 'lagged':
             loadAll();
+            loadDownloads();
+            setModelsVersion((v) => v + 1);
             break;
           default:
         }
@@ -289,6 +357,25 @@ function Dashboard({ onSignOut }) {
   const close = () => setDialog(null);
   const signedIn = !!session.token;
 
+  useEffect(() => {
+    const follow = () => setView(viewOfHash());
+    window.addEventListener('hashchange', follow);
+    return () => window.removeEventListener('hashchange', follow);
+  }, []);
+  useEffect(() => {
+    if (view === 'models') setModelsSeen(true);
+  }, [view]);
+  const switchTo = (next) => {
+    setView(next);
+    history.replaceState(null, '', next === 'models' ? '#models' : location.pathname + location.search);
+  };
+  // "Create instance" on a model: the instance form, filled in with its path and a free name.
+  const createFrom = (model) => {
+    const taken = new Set((instances || []).map((i) => i.name));
+    setDialog({ kind: 'create', preset: { name: instanceNameFor(model.id, taken), source: 'path', model: model.path } });
+  };
+  const activeDownloads = Object.values(downloads).filter((d) => ['queued', 'downloading'].includes(d.status)).length;
+
   return html`
     <header class="top">
       <div class="brand"><img src="/favicon.svg" alt="" width="24" height="24" /><span>paddock</span></div>
@@ -298,22 +385,29 @@ function Dashboard({ onSignOut }) {
         ${signedIn ? html`<button type="button" class="secondary small" onClick=${onSignOut}>Sign out</button>` : null}
       </div>
     </header>
+    <${Tabs} view=${view} onChange=${switchTo} activeDownloads=${activeDownloads} />
     <main class="content">
+      ${alerts.length ? html`<ul class="alerts" aria-label="Alerts">${alerts.map((a, i) => html`
+        <li class=${`alert ${a.level}`} key=${`${a.at}-${i}`}>${a.instance ? html`<strong>${a.instance}</strong>: ` : null}${a.message}
+          <button type="button" class="icon" aria-label="Dismiss alert" onClick=${() => setAlerts((old) => old.filter((_, j) => j !== i))}>×</button></li>`)}</ul>` : null}
+      <div id="panel-models" role="tabpanel" aria-labelledby="tab-models" hidden=${view !== 'models'}>
+        ${modelsSeen ? html`<${ModelsView} downloads=${downloads} version=${modelsVersion} onCreate=${createFrom}
+          onDownloadStarted=${(d) => setDownloads((old) => ({ ...old, [d.id]: newerDownload(old[d.id], d) }))} />` : null}
+      </div>
+      <div id="panel-instances" role="tabpanel" aria-labelledby="tab-instances" hidden=${view !== 'instances'}>
       <div class="content-head">
         <h1>Instances</h1>
         <button type="button" class="primary" onClick=${() => open('create', null)}>Create instance</button>
       </div>
-      ${alerts.length ? html`<ul class="alerts" aria-label="Alerts">${alerts.map((a, i) => html`
-        <li class=${`alert ${a.level}`} key=${i}>${a.instance ? html`<strong>${a.instance}</strong>: ` : null}${a.message}
-          <button type="button" class="icon" aria-label="Dismiss alert" onClick=${() => setAlerts((old) => old.filter((_, j) => j !== i))}>×</button></li>`)}</ul>` : null}
       ${loadError ? html`<div class="form-error" role="alert"><strong>${loadError.message}</strong>${loadError.details ? html`<span>${loadError.details}</span>` : null}</div>` : null}
       ${instances === null ? html`<p class="muted">Loading…</p>` : instances.length === 0 ? html`
         <div class="empty"><p>No instances yet.</p><p class="muted">Create one from a GGUF file, or start paddock with <code>paddock serve -m model.gguf</code>.</p></div>` : html`
         <div class="grid">${instances.map((i) => html`<${InstanceCard} key=${i.name} instance=${i} stats=${stats[i.name]}
           health=${health[i.name]} onAction=${onAction} onOpen=${open} />`)}</div>`}
+      </div>
     </main>
     ${dialog && (dialog.kind === 'create' || dialog.kind === 'edit') ? html`<${InstanceForm} instance=${dialog.instance}
-      onClose=${close} onSaved=${(name) => { close(); loadOne(name); }} />` : null}
+      preset=${dialog.preset} onClose=${close} onSaved=${(name) => { close(); loadOne(name); switchTo('instances'); }} />` : null}
     ${dialog && dialog.kind === 'logs' ? html`<${LogsDialog} name=${dialog.instance.name} onClose=${close} />` : null}
     ${dialog && dialog.kind === 'chat' ? html`<${ChatDialog} name=${dialog.instance.name} onClose=${close} />` : null}
     ${dialog && dialog.kind === 'delete' ? html`<${ConfirmDelete} name=${dialog.instance.name} onClose=${close}

@@ -132,9 +132,10 @@ function Field({ id, label, error, hint, children }) {
     </div>`;
 }
 
-export function InstanceForm({ instance, onClose, onSaved }) {
+/** `instance` to edit, or none to create; `preset` fills fields of a new one (e.g. from a model). */
+export function InstanceForm({ instance, preset, onClose, onSaved }) {
   const editing = !!instance;
-  const [f, setF] = useState(() => initial(instance));
+  const [f, setF] = useState(() => ({ ...initial(instance), ...(editing ? {} : preset) }));
   const [touched, setTouched] = useState(false);
   const [serverError, setServerError] = useState(null);
   const [saving, setSaving] = useState(false);

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod hub;
+
 /// Runs `tests/fixtures/gguf_variants.py KIND <test model> DST` (llama.cpp's gguf-py derives
 /// a test GGUF from the test model) and returns its JSON summary.
 pub fn gguf_variant(kind: &str, dst: &std::path::Path) -> Value {

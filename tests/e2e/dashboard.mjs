@@ -1,11 +1,14 @@
 // The dashboard end to end in Debian's chromium, driven by playwright-core, against a real
-// paddock (started by tests/dashboard.rs) serving the real test model.
+// paddock (started by tests/dashboard.rs) serving the real test model, with a local test hub
+// for the Models view (models.mjs).
 //
-// Env: PADDOCK_URL, PADDOCK_ADMIN_PASSWORD, PADDOCK_TEST_MODEL, OUT_DIR (screenshots), CHROMIUM.
+// Env: PADDOCK_URL, PADDOCK_ADMIN_PASSWORD, PADDOCK_TEST_MODEL, OUT_DIR (screenshots), CHROMIUM,
+// and PADDOCK_HUB_URL, PADDOCK_HUB_REPO, PADDOCK_HUB_FILE (see models.mjs).
 
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { modelsSteps, unlabelledControls } from './models.mjs';
 
 const base = process.env.PADDOCK_URL;
 const password = process.env.PADDOCK_ADMIN_PASSWORD;
@@ -241,15 +244,7 @@ try {
   await page.getByRole('button', { name: 'Create instance' }).focus();
   await page.keyboard.press('Enter');
   await form.waitFor();
-  const unlabelled = await page.evaluate(() =>
-    [...document.querySelectorAll('input, select, textarea, button')]
-      .filter((el) => el.offsetParent !== null)
-      .filter((el) => {
-        if (el.tagName === 'BUTTON') return !(el.textContent.trim() || el.getAttribute('aria-label'));
-        return !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.getAttribute('aria-labelledby');
-      })
-      .map((el) => el.outerHTML.slice(0, 120)),
-  );
+  const unlabelled = await unlabelledControls(page);
   check(unlabelled.length === 0, `every control has a label: ${unlabelled.join(', ')}`);
   check(await page.evaluate(() => document.activeElement && document.activeElement.id === 'f-name'), 'focus starts on the name');
   await page.keyboard.press('Escape');
@@ -279,6 +274,9 @@ try {
   check(overflow <= 390, `no horizontal scrolling at 390 px (page is ${overflow} px wide)`);
   await shot(page, '09-narrow');
   await page.setViewportSize({ width: 1280, height: 860 });
+
+  // The Models view: hub search, a download with its progress bar, an instance from it, a chat.
+  await modelsSteps({ page, begin, check, shot });
 
   begin('a 401 returns to the sign-in form');
   await page.evaluate(() => sessionStorage.setItem('paddock.token', 'expired.or.forged'));
