@@ -27,7 +27,7 @@ pub mod guard;
 pub mod instances;
 pub mod limits;
 pub mod llama;
-mod oai_output;
+pub mod oai_output;
 pub mod openai;
 mod params;
 pub mod system;
