@@ -11,12 +11,14 @@
 //! - [`logs`]: per-instance log buffers fed by llama.cpp's log callback.
 //! - [`models`]: the model store; for now paddock's own GGUF reader, which checks a file before llama.cpp sees it.
 //! - [`build`]: build information.
+//! - [`bench`]: `paddock bench`, the load generator that compares OpenAI-compatible servers.
 //!
 //! A request flows: axum router → handler → registry lookup → engine handle → engine thread,
 //! and tokens flow back over a per-request channel.
 
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod build;
 pub mod config;
 pub mod engine;

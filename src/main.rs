@@ -21,6 +21,9 @@ struct Cli {
 enum Command {
     /// Run the HTTP server (management API at /api, OpenAI-compatible API at /v1).
     Serve(ServeArgs),
+    /// Load-test OpenAI-compatible servers (paddock, llama-server, …) side by side: TTFT,
+    /// inter-token latency, throughput, as a table, JSON and an SVG plot.
+    Bench(paddock::bench::BenchArgs),
 }
 
 #[derive(Parser)]
@@ -77,7 +80,9 @@ fn long_version() -> &'static str {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    paddock::logs::init_tracing("info,llama-cpp-2=warn");
+    // The benchmark prints its table on stdout; only warnings may join it.
+    let default_log = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info,llama-cpp-2=warn" };
+    paddock::logs::init_tracing(default_log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -87,6 +92,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Bench(args) => runtime.block_on(paddock::bench::run(args)).map_err(|e| format!("bench: {e}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

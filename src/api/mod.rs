@@ -31,7 +31,7 @@ pub mod instances;
 pub mod limits;
 pub mod llama;
 mod node;
-mod oai_output;
+pub mod oai_output;
 pub mod openai;
 mod params;
 pub mod system;

@@ -690,6 +690,14 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// A generation fed through the returned sender instead of by an engine, so the response
+    /// encoders can be benched (`benches/hot_paths.rs`) without a model.
+    #[doc(hidden)]
+    pub fn fed(prompt_tokens: u32) -> (mpsc::UnboundedSender<Result<StreamEvent, EngineError>>, Generation) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, Generation { rx, prompt_tokens })
+    }
+
     /// The next event; `None` once `Done` was delivered (or the engine went away, which callers
     /// see as [`EngineError::IncompleteGeneration`] if no `Done` came).
     pub async fn next(&mut self) -> Option<Result<StreamEvent, EngineError>> {

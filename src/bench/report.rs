@@ -1,0 +1,225 @@
+//! The results: the JSON document (`--json`) and the table printed at the end.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::client::Endpoint;
+use super::spawn::SpawnInfo;
+use super::stats::{Distribution, Ratios, RequestRecord, Summary};
+use super::workload::{Calibration, Point, Span};
+
+/// Everything one run measured, as `--json` writes it.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub paddock_version: &'static str,
+    pub started_at: String,
+    pub machine: Machine,
+    pub config: RunConfig,
+    /// How prompt sizes were turned into word counts.
+    pub calibration: Calibration,
+    /// In the order given; the first is the baseline of every ratio.
+    pub targets: Vec<TargetInfo>,
+    /// Every round of every target, in the order they ran.
+    pub turns: Vec<TurnRecord>,
+    /// One entry per sweep point.
+    pub results: Vec<PointResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub os: &'static str,
+    pub arch: &'static str,
+    pub cpus: usize,
+    pub physical_cpus: usize,
+    pub cpu_model: Option<String>,
+}
+
+impl Machine {
+    pub fn this() -> Machine {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, v)| v.trim().to_string())
+            })
+        });
+        Machine {
+            os: std::env::consts::OS,
+            arch: std::env::consts::ARCH,
+            cpus: num_cpus::get(),
+            physical_cpus: num_cpus::get_physical(),
+            cpu_model,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunConfig {
+    pub endpoint: Endpoint,
+    /// `closed_loop` (concurrency sweep) or `open_loop` (Poisson arrivals at each rate).
+    pub mode: &'static str,
+    pub points: Vec<Point>,
+    pub prompt_tokens: Span,
+    pub max_tokens: Span,
+    /// Requests per target per point (None in duration mode).
+    pub requests: Option<usize>,
+    /// Seconds per target per point (None in request-count mode).
+    pub duration_s: Option<f64>,
+    pub warmup: usize,
+    /// Most rounds a point is cut into to interleave targets.
+    pub turns: usize,
+    pub seed: u64,
+    pub temperature: Option<f32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub url: String,
+    pub model: String,
+    /// Set when the benchmark started this server itself.
+    pub spawned: Option<SpawnInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnRecord {
+    pub point: usize,
+    pub x: f64,
+    pub target: String,
+    pub round: usize,
+    pub requests: usize,
+    /// Seconds from the start of the run.
+    pub start_s: f64,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PointResult {
+    pub point: Point,
+    pub x: f64,
+    pub targets: Vec<TargetResult>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetResult {
+    pub target: String,
+    pub summary: Summary,
+    /// Against the first target at this point (None for the first itself).
+    pub ratios: Option<Ratios>,
+    pub requests: Vec<RequestRecord>,
+}
+
+impl PointResult {
+    /// Summaries and ratios of one point from each target's records and wall time, in target order.
+    pub fn new(point: Point, per_target: Vec<(String, Vec<RequestRecord>, f64)>) -> PointResult {
+        let mut targets: Vec<TargetResult> = per_target
+            .into_iter()
+            .map(|(target, requests, wall_s)| TargetResult {
+                target,
+                summary: Summary::of(&requests, wall_s),
+                ratios: None,
+                requests,
+            })
+            .collect();
+        if let Some(base) = targets.first().map(|t| t.summary.clone()) {
+            for t in targets.iter_mut().skip(1) {
+                t.ratios = Some(Ratios::of(&t.summary, &base));
+            }
+        }
+        PointResult { point, x: point.x(), targets }
+    }
+}
+
+fn dist(d: Option<Distribution>, f: impl Fn(&Distribution) -> f64) -> String {
+    d.map(|d| format!("{:.1}", f(&d))).unwrap_or_else(|| "-".into())
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "-".into())
+}
+
+/// The table printed at the end: one block per point, one row per target.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let base = report.targets.first().map(|t| t.name.as_str()).unwrap_or("");
+    let several = report.targets.len() > 1;
+    let _ = writeln!(
+        out,
+        "{} · prompt {} tokens · output {} tokens · calibration: {} ({:.2} tokens/word + {:.1})",
+        match report.config.endpoint {
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Chat => "/v1/chat/completions",
+        },
+        report.config.prompt_tokens,
+        report.config.max_tokens,
+        report.calibration.source,
+        report.calibration.per_word,
+        report.calibration.fixed,
+    );
+    let name_width = report.targets.iter().map(|t| t.name.len()).max().unwrap_or(6).max(6);
+    for point in &report.results {
+        let _ = writeln!(out, "\n{}", point.point.label());
+        let _ = write!(
+            out,
+            "  {:<name_width$} {:>4} {:>4} {:>9} {:>9} {:>9} {:>22} {:>12} {:>9} {:>7}",
+            "target",
+            "req",
+            "err",
+            "out t/s",
+            "prmt t/s",
+            "strm t/s",
+            "TTFT ms p50/p90/p99",
+            "ITL ms p50",
+            "E2E p50",
+            "prompt"
+        );
+        if several {
+            let _ = write!(out, "   vs {base}: out t/s, TTFT p50, ITL p50");
+        }
+        out.push('\n');
+        for t in &point.targets {
+            let s = &t.summary;
+            let ttft =
+                s.ttft_ms.map(|d| format!("{:.1}/{:.1}/{:.1}", d.p50, d.p90, d.p99)).unwrap_or_else(|| "-".into());
+            let _ = write!(
+                out,
+                "  {:<name_width$} {:>4} {:>4} {:>9.1} {:>9.1} {:>9} {:>22} {:>12} {:>9} {:>7.1}",
+                t.target,
+                s.requests,
+                s.errors,
+                s.output_tok_s,
+                s.prompt_tok_s,
+                dist(s.stream_tok_s, |d| d.p50),
+                ttft,
+                dist(s.itl_ms, |d| d.p50),
+                dist(s.e2e_ms, |d| d.p50),
+                s.prompt_accuracy.actual_mean,
+            );
+            if let Some(r) = &t.ratios {
+                let _ = write!(out, "   {} {} {}", ratio(r.output_tok_s), ratio(r.ttft_p50), ratio(r.itl_p50));
+            }
+            out.push('\n');
+            for e in &s.error_samples {
+                let _ = writeln!(out, "    error: {e}");
+            }
+        }
+    }
+    let spawned: Vec<&TargetInfo> = report.targets.iter().filter(|t| t.spawned.is_some()).collect();
+    if !spawned.is_empty() {
+        out.push('\n');
+    }
+    for t in spawned {
+        if let Some(SpawnInfo { memory: Some(m), settings, .. }) = &t.spawned {
+            let _ = writeln!(
+                out,
+                "{}: resident memory {:.1} MiB (peak {:.1} MiB) · threads {} · context {} · slots {}",
+                t.name,
+                m.rss_kib as f64 / 1024.0,
+                m.peak_rss_kib as f64 / 1024.0,
+                settings.threads,
+                settings.ctx_size,
+                settings.parallel
+            );
+        }
+    }
+    out
+}

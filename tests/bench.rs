@@ -1,0 +1,195 @@
+//! `paddock bench` run as a user runs it, against paddock servers of the real test model:
+//! one it spawns itself, and one in this process.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+fn bench(args: &[&str]) -> (Output, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_paddock")).arg("bench").args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out, text)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Checks one target's results at one point: every request succeeded with the tokens asked for.
+fn assert_sane(result: &Value, requests: u64, max_tokens: u64) {
+    let s = &result["summary"];
+    assert_eq!(s["requests"], requests, "{s}");
+    assert_eq!(s["errors"], 0, "{s}");
+    // ignore_eos: every request generates exactly max_tokens.
+    assert_eq!(s["output_tokens"], requests * max_tokens, "{s}");
+    assert!(s["prompt_tokens"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["output_tok_s"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["ttft_ms"]["p50"].as_f64().unwrap() < s["e2e_ms"]["p50"].as_f64().unwrap(), "{s}");
+    assert!(s["ttft_ms"]["p99"].as_f64().unwrap() <= s["ttft_ms"]["max"].as_f64().unwrap(), "{s}");
+    for r in result["requests"].as_array().unwrap() {
+        assert!(r["error"].is_null(), "{r}");
+        assert_eq!(r["output_tokens"], max_tokens, "{r}");
+        assert!(r["usage_missing"].is_null(), "the server sent usage: {r}");
+        let (ttft, e2e) = (r["ttft_ms"].as_f64().unwrap(), r["e2e_ms"].as_f64().unwrap());
+        assert!(0.0 < ttft && ttft < e2e, "{r}");
+    }
+}
+
+#[test]
+fn a_spawned_paddock_is_swept_and_the_json_and_svg_say_so() {
+    let model = common::model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let (json_path, svg_path) = (dir.path().join("out.json"), dir.path().join("out.svg"));
+    let (out, text) = bench(&[
+        "--spawn-paddock",
+        model.to_str().unwrap(),
+        "--threads=2",
+        "--concurrency=1,2",
+        "--requests=4",
+        "--max-tokens=4",
+        "--prompt-tokens=24",
+        "--warmup=1",
+        "--json",
+        json_path.to_str().unwrap(),
+        "--plot",
+        svg_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("concurrency 1") && stdout.contains("concurrency 2") && stdout.contains("paddock"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("resident memory"), "{stdout}");
+
+    let report = read_json(&json_path);
+    assert_eq!(report["config"]["mode"], "closed_loop");
+    assert_eq!(report["config"]["points"], json!([{ "concurrency": 1 }, { "concurrency": 2 }]));
+    let target = &report["targets"][0];
+    assert_eq!(target["name"], "paddock");
+    let spawned = &target["spawned"];
+    assert_eq!(spawned["kind"], "paddock");
+    // Defaults fill what was not given: slots for the largest concurrency.
+    assert_eq!(spawned["settings"], json!({ "threads": 2, "ctx_size": 512, "parallel": 2 }));
+    assert!(spawned["memory"]["rss_kib"].as_u64().unwrap() > 50_000, "the model is resident: {spawned}");
+    // paddock's per-instance /tokenize calibrated the prompts to within a few tokens.
+    assert_eq!(report["calibration"]["source"], "tokenize", "{}", report["calibration"]);
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for point in results {
+        assert_eq!(point["targets"].as_array().unwrap().len(), 1);
+        assert_sane(&point["targets"][0], 4, 4);
+        assert!(point["targets"][0]["ratios"].is_null());
+        let accuracy = &point["targets"][0]["summary"]["prompt_accuracy"];
+        assert!(accuracy["mean_abs_error_pct"].as_f64().unwrap() < 20.0, "{accuracy}");
+    }
+    // The spawned server is gone.
+    let pid = spawned["pid"].as_u64().unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "paddock {pid} still runs");
+
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("the plot is well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).map(str::trim).collect();
+    assert!(texts.contains(&"paddock"), "no legend entry for the target in {texts:?}");
+    assert!(texts.iter().any(|t| t.contains("first token")), "{texts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_targets_run_in_alternating_rounds_and_the_second_gets_ratios() {
+    let server = common::server();
+    let name = server.shared().await;
+    let model = common::model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+    let args: Vec<String> = [
+        "--spawn-paddock",
+        model.to_str().unwrap(),
+        "--threads=2",
+        "--parallel=2",
+        "--target",
+        &format!("other={},model={name}", server.base),
+        "--concurrency=1,2",
+        "--requests=2",
+        "--max-tokens=3",
+        "--prompt-tokens=8..16",
+        "--warmup=0",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    // The server lives in this process: block a pool thread, not its runtime's.
+    let (out, text) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        bench(&args)
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("vs paddock"), "{stdout}");
+
+    let report = read_json(&json_path);
+    let names: Vec<&str> = report["targets"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["paddock", "other"]);
+    assert!(report["targets"][1]["spawned"].is_null());
+    // Concurrency 1: two rounds of one request each; concurrency 2: one round of two (a
+    // round never holds fewer requests than the concurrency).
+    let turns: Vec<(u64, &str, u64)> = report["turns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["point"].as_u64().unwrap(), t["target"].as_str().unwrap(), t["requests"].as_u64().unwrap()))
+        .collect();
+    let mut want = Vec::new();
+    for _ in 0..2 {
+        want.extend([(0, "paddock", 1), (0, "other", 1)]);
+    }
+    want.extend([(1, "paddock", 2), (1, "other", 2)]);
+    assert_eq!(turns, want);
+    let starts: Vec<f64> = report["turns"].as_array().unwrap().iter().map(|t| t["start_s"].as_f64().unwrap()).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "rounds ran in the order listed: {starts:?}");
+
+    for point in report["results"].as_array().unwrap() {
+        let targets = point["targets"].as_array().unwrap();
+        assert_eq!(targets[0]["target"], "paddock");
+        assert_eq!(targets[1]["target"], "other");
+        for t in targets {
+            assert_sane(t, 2, 3);
+            for r in t["requests"].as_array().unwrap() {
+                let want = r["prompt_tokens_requested"].as_u64().unwrap();
+                assert!((8..=16).contains(&want), "{r}");
+            }
+        }
+        assert!(targets[0]["ratios"].is_null());
+        let ratios = &targets[1]["ratios"];
+        for key in ["output_tok_s", "prompt_tok_s", "ttft_p50", "e2e_p50"] {
+            assert!(ratios[key].as_f64().unwrap() > 0.0, "{key}: {ratios}");
+        }
+        // The same prompts went to both: the servers counted the same prompt tokens.
+        assert_eq!(targets[0]["summary"]["prompt_tokens"], targets[1]["summary"]["prompt_tokens"]);
+    }
+}
+
+#[test]
+fn a_bad_target_is_a_clear_error_and_a_failure_not_a_panic() {
+    let cases: [(&[&str], &[&str]); 4] = [
+        // Nothing listens on port 1.
+        (&["--target", "nowhere=http://127.0.0.1:1"], &["target 'nowhere' at http://127.0.0.1:1 cannot connect"]),
+        (&["--target", "typo=htp:/127.0.0.1"], &["target 'typo'", "only http://"]),
+        (&["--target", "no-url"], &["NAME=URL"]),
+        (&[], &["nothing to measure"]),
+    ];
+    for (args, wants) in cases {
+        let (out, text) = bench(&[args, &["--requests=1", "--quiet"]].concat());
+        assert!(!out.status.success(), "{args:?}: {text}");
+        for want in wants {
+            assert!(text.contains(want), "{args:?}: {want:?} missing from {text}");
+        }
+        assert!(!text.contains("panicked"), "{text}");
+    }
+}
