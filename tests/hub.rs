@@ -195,8 +195,32 @@ async fn search_probe_and_downloads_of_whole_and_split_models() {
     assert_eq!((status, source["repo_id"].as_str()), (200, Some(SPLIT)), "{source}");
 
     // A whole model; asking again when it is here is `already_local`.
+    // Followed live on the seed's WebSocket path: progress, then the activity and the refresh.
+    let ws_url = format!("{}/api/admin/ws", p.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
     let file = "gemma-3-270m-Q4_K_M.gguf";
     p.download(FAST, file, None).await;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|t| t == "models_changed") {
+        let msg = tokio::time::timeout(Duration::from_secs(60), futures::StreamExt::next(&mut ws))
+            .await
+            .unwrap_or_else(|_| panic!("no models_changed on the socket; saw {seen:?}"))
+            .unwrap()
+            .unwrap();
+        let Ok(text) = msg.to_text() else { continue };
+        let event: Value = serde_json::from_str(text).unwrap();
+        if event["type"] == "download_progress" && event["data"]["status"] == "completed" {
+            assert_eq!(event["data"]["id"], "gemma-3-270m-Q4_K_M");
+            assert_eq!(event["data"]["progress"], 1.0);
+        }
+        if event["type"] == "activity_event" {
+            assert_eq!(event["data"]["toast_level"], "success", "{event}");
+        }
+        seen.push(event["type"].as_str().unwrap_or_default().to_string());
+    }
+    for kind in ["download_progress", "activity_event"] {
+        assert!(seen.iter().any(|t| t == kind), "{kind} missing from {seen:?}");
+    }
     let done = p.wait_download("gemma-3-270m-Q4_K_M", "completed", is_done("completed")).await;
     assert_eq!(done["downloaded_bytes"], model_size);
     assert_eq!(sha256_file(&data.path().join("models").join(file)), hub().1.repos[FAST].files[0].sha256);

@@ -26,7 +26,7 @@ use crate::instance::{RegistryEvent, Status};
 use crate::models::download::{DownloadStatus, DownloadView};
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(ws))
+    OpenApiRouter::new().routes(routes!(ws)).routes(routes!(admin_ws))
 }
 
 /// How often running instances' stats are sent.
@@ -59,6 +59,21 @@ async fn ws(
         ApiError::new(r.status(), "NOT_A_WEBSOCKET", "Not a WebSocket handshake").with_details(r.body_text())
     })?;
     Ok(upgrade.protocols([PROTOCOL]).on_upgrade(move |socket| run(socket, state)))
+}
+
+/// The same live events at the seed's path.
+#[utoipa::path(get, path = "/admin/ws", tag = "models", operation_id = "admin_ws",
+    params(("token" = Option<String>, Query, description = "Credential, for clients that cannot set headers")),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 400, description = "Not a WebSocket handshake (`NOT_A_WEBSOCKET`)", body = super::doc::ErrorBody),
+        (status = 405, description = "Not a GET (`NOT_A_WEBSOCKET`)", body = super::doc::ErrorBody),
+        (status = 426, description = "Upgrade required (`NOT_A_WEBSOCKET`)", body = super::doc::ErrorBody),
+        (status = 401, body = super::doc::ErrorBody)))]
+async fn admin_ws(
+    state: State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    ws(state, upgrade).await
 }
 
 async fn run(socket: WebSocket, state: AppState) {

@@ -41,6 +41,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/api/admin/config"),
     ("POST", "/api/admin/config/reload"),
     ("POST", "/api/admin/shutdown"),
+    ("GET", "/api/admin/ws"),
     ("GET", "/api/instances"),
     ("POST", "/api/instances"),
     ("POST", "/api/instances/start-all"),
