@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::hub::{hub, requests_for, sha256_file, CORRUPT, FAST, SLOW, SPLIT};
+use common::hub::{hub, requests_for, sha256_file, CORRUPT, FAST, SLOW, SLOW_STOP, SPLIT};
 
 // ---------------------------------------------------------------------------------------------
 // Paddock, as a process.
@@ -295,6 +295,15 @@ async fn a_corrupted_byte_fails_the_checksum_and_the_file_is_discarded() {
     let (_, models) = p.get("/api/admin/models").await;
     assert_eq!(models["models"], json!([]));
 
+    // A file of the same name that came from elsewhere is never overwritten nor taken for the download.
+    let mine = data.path().join("models").join("gemma-3-270m-slow-Q4_K_M.gguf");
+    std::fs::write(&mine, b"my own file").unwrap();
+    let body = json!({ "repo_id": SLOW, "filename": "gemma-3-270m-slow-Q4_K_M.gguf" });
+    let (status, refused) = p.post("/api/admin/hf/download-shards", body).await;
+    assert_eq!((status, refused["code"].as_str()), (409, Some("DOWNLOAD_CONFLICT")), "{refused}");
+    assert!(refused["details"].as_str().unwrap().contains("did not come from"), "{refused}");
+    assert_eq!(std::fs::read(&mine).unwrap(), b"my own file");
+
     // A hub that cannot be reached is a 502 that names it, not a hang.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let offline = tempfile::tempdir().unwrap();
@@ -348,4 +357,32 @@ async fn an_hf_repo_instance_downloads_its_model_then_chats() {
     assert!(chat["usage"]["completion_tokens"].as_u64().unwrap() > 0, "{chat}");
     let (_, models) = p.get("/api/admin/models").await;
     assert_eq!(models["models"][0]["source"]["repo_id"], FAST, "{models}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_an_hf_repo_instance_while_it_downloads_ends_the_start_at_once() {
+    let (hub_url, _) = hub();
+    let data = tempfile::tempdir().unwrap();
+    let p = Paddock::start(data.path(), hub_url).await;
+    let create = json!({ "backend_type": "llama_cpp", "backend_options": { "hf_repo": SLOW_STOP } });
+    let (status, body) = p.post("/api/instances/slow", create).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = p.post("/api/instances/slow/start", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    p.wait_download("stop-midway-Q4_K_M", "under way", |d| d["downloaded_bytes"].as_u64().unwrap() > 0).await;
+    let asked = Instant::now();
+    let (status, body) = p.post("/api/instances/slow/stop", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, i) = p.get("/api/instances/slow").await;
+        if i["status"] == "stopped" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {} {:?} after the stop: {i}", i["status"], asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, d) = p.get("/api/admin/downloads").await;
+    // The 40 MiB/s download takes over 6 s: the start ended before it did, and it goes on.
+    assert_eq!(d["downloads"][0]["status"], "downloading", "stopped {:?} after asking: {d}", asked.elapsed());
 }

@@ -172,13 +172,8 @@ async fn resolve(state: &AppState, repo: &RepoId, file: &RepoFile) -> Result<(Va
     Ok((variant, id))
 }
 
-fn present(state: &AppState, part: &RemoteFile) -> bool {
-    let name = part.path.rsplit('/').next().unwrap_or(&part.path);
-    let dir = state.downloads.dir();
-    let mut record = dir.join(name).into_os_string();
-    record.push(".part.json");
-    std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == part.size_bytes)
-        && !std::path::Path::new(&record).exists()
+fn present(state: &AppState, repo: &RepoId, part: &RemoteFile) -> bool {
+    crate::models::download::is_landed(state.downloads.dir(), repo, part)
 }
 
 fn parse_target(repo_id: &str, filename: &str) -> Result<(RepoId, RepoFile), ApiError> {
@@ -206,7 +201,7 @@ async fn probe(State(state): State<AppState>, Query(q): Query<ProbeQuery>) -> Re
             filename: p.path.clone(),
             size_bytes: p.size_bytes,
             sha256: p.sha256.clone(),
-            present: present(&state, p),
+            present: present(&state, &repo, p),
         })
         .collect::<Vec<_>>();
     Ok(axum::Json(Probe {
@@ -249,6 +244,7 @@ pub struct DownloadStarted {
         (status = 200, description = "Every asked part is here already", body = DownloadStarted),
         (status = 400, description = "Invalid repo_id, filename or shards (`INVALID_REQUEST`)", body = ErrorBody),
         (status = 404, description = "No such repository or file (`HUB_NOT_FOUND`)", body = ErrorBody),
+        (status = 409, description = "Another download of the model is running or stopping, or a file of the same name from elsewhere is in the way (`DOWNLOAD_CONFLICT`)", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 422, description = "A field is missing, unknown or of the wrong type (`INVALID_JSON`)", body = ErrorBody),
         (status = 502, description = "The hub cannot be reached or failed", body = ErrorBody)))]
@@ -282,10 +278,12 @@ async fn download_shards(
             picked
         }
     };
-    if wanted.iter().all(|p| present(&state, p)) {
+    if wanted.iter().all(|p| present(&state, &repo, p)) {
         return Ok((StatusCode::OK, axum::Json(DownloadStarted { status: "already_local", download: None, model_id })));
     }
-    let view = state.downloads.start(DownloadRequest { id: model_id.clone(), repo, files: wanted });
+    let view = state.downloads.start(DownloadRequest { id: model_id.clone(), repo, files: wanted }).map_err(|e| {
+        ApiError::new(StatusCode::CONFLICT, "DOWNLOAD_CONFLICT", "The download cannot start now").with_details(e.0)
+    })?;
     Ok((StatusCode::ACCEPTED, axum::Json(DownloadStarted { status: "downloading", download: Some(view), model_id })))
 }
 

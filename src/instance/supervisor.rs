@@ -141,8 +141,15 @@ impl Registry {
             let options = e.spec.options.clone();
             let (logs, cancel) = (e.logs.clone(), e.cancel_load.clone());
             let name = name.to_string();
-            (move |path| options.engine_config(&name, path, logs, cancel), e.generation, fetch, e.logs.clone())
+            let stopped = e.cancel_load.clone();
+            (
+                move |path| options.engine_config(&name, path, logs, cancel),
+                e.generation,
+                fetch,
+                (e.logs.clone(), stopped),
+            )
         };
+        let (logs, stopped) = logs;
         let registry = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -151,7 +158,16 @@ impl Registry {
                 Fetch::Hub(fetcher, repo, file) => {
                     let log_line: Arc<dyn Fn(String) + Send + Sync> = Arc::new(move |l| logs.push(Level::INFO, l));
                     let what = format!("{repo} {}", file.as_deref().unwrap_or("(recommended variant)"));
-                    fetcher(repo, file, log_line).await.map_err(|reason| EngineError::Load { path: what, reason })
+                    // A stop during the download ends the start at once; the download goes on.
+                    let stop = async move {
+                        while !stopped.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    };
+                    tokio::select! {
+                        r = fetcher(repo, file, log_line) => r.map_err(|reason| EngineError::Load { path: what, reason }),
+                        _ = stop => Err(EngineError::LoadCancelled),
+                    }
                 }
             };
             let outcome = match path {

@@ -148,11 +148,45 @@ impl Downloads {
         self.inner.jobs.lock().get(id).map(|j| j.view.clone())
     }
 
-    /// Starts a download, or returns the one already running for the same model.
-    pub fn start(&self, request: DownloadRequest) -> DownloadView {
+    /// Starts a download, or returns the one already running for the same files. Refused while
+    /// a download of the same model fetches other files or is still stopping after a cancel,
+    /// and when a file of the same name that came from elsewhere is in the way.
+    pub fn start(&self, request: DownloadRequest) -> Result<DownloadView, DownloadConflict> {
+        for f in &request.files {
+            let target = self.inner.dir.join(f.path.rsplit('/').next().unwrap_or(&f.path));
+            if target.exists() && !with_suffix(&target, ".part.json").exists() {
+                let source = read_source(&target);
+                let ours = source.as_ref().is_some_and(|s| {
+                    s.repo_id.as_deref() == Some(request.repo.as_str())
+                        && s.filename.as_deref() == Some(f.path.as_str())
+                });
+                if !ours {
+                    return Err(DownloadConflict(format!(
+                        "{} exists and did not come from {} {}; delete or move it first",
+                        target.display(),
+                        request.repo.as_str(),
+                        f.path
+                    )));
+                }
+            }
+        }
         let mut jobs = self.inner.jobs.lock();
         if let Some(j) = jobs.get(&request.id).filter(|j| j.view.status.is_active()) {
-            return j.view.clone();
+            if j.cancel.is_cancelled() {
+                return Err(DownloadConflict(format!(
+                    "the download of {} is stopping after a cancel; ask again in a moment",
+                    request.id
+                )));
+            }
+            let covers = j.view.repo_id == request.repo.as_str()
+                && request.files.iter().all(|f| j.view.files.iter().any(|g| g.filename == f.path));
+            if !covers {
+                return Err(DownloadConflict(format!(
+                    "{} is being downloaded from {} with other files; wait for it or cancel it",
+                    request.id, j.view.repo_id
+                )));
+            }
+            return Ok(j.view.clone());
         }
         let files: Vec<FileProgress> = request
             .files
@@ -190,7 +224,7 @@ impl Downloads {
         drop(jobs);
         let this = self.clone();
         tokio::spawn(async move { this.run(request, cancel).await });
-        view
+        Ok(view)
     }
 
     /// Stops a running download; its part files stay, so starting it again resumes.
@@ -227,7 +261,9 @@ impl Downloads {
         for (id, (repo, mut files)) in groups {
             files.sort_by(|a, b| a.path.cmp(&b.path));
             tracing::info!("resuming the download of {id} from {}", repo.as_str());
-            self.start(DownloadRequest { id, repo, files });
+            if let Err(e) = self.start(DownloadRequest { id, repo, files }) {
+                tracing::warn!("not resuming: {}", e.0);
+            }
         }
     }
 
@@ -240,10 +276,12 @@ impl Downloads {
             .filter_map(|p| {
                 let model = PathBuf::from(p.to_str()?.strip_suffix(".source.json")?);
                 let source: Source = serde_json::from_slice(&std::fs::read(&p).ok()?).ok()?;
-                (source.repo_id.as_deref() == Some(repo.as_str()) && complete(&model)).then_some(model)
+                (source.repo_id.as_deref() == Some(repo.as_str())).then_some(model)
             })
+            .filter_map(|model| whole_model(&model))
             .collect();
         found.sort();
+        found.dedup();
         found.into_iter().next()
     }
 
@@ -259,7 +297,7 @@ impl Downloads {
         let file = file.map(RepoFile::parse).transpose().map_err(|e| e.to_string())?;
         // Already here: no need to reach the hub.
         let local = match &file {
-            Some(f) => Some(self.inner.dir.join(f.file_name())).filter(|p| complete(p) && !is_split(p)),
+            Some(f) => whole_model(&self.inner.dir.join(f.file_name())),
             None => self.local_from(&repo),
         };
         if let Some(path) = local {
@@ -280,7 +318,8 @@ impl Downloads {
         let target = self.inner.dir.join(first);
         let id = model_id(&variant.filename);
         let mut changes = self.subscribe();
-        self.start(DownloadRequest { id: id.clone(), repo: repo.clone(), files: variant.parts.clone() });
+        self.start(DownloadRequest { id: id.clone(), repo: repo.clone(), files: variant.parts.clone() })
+            .map_err(|e| e.0)?;
         log(format!(
             "downloading {} ({} MiB) from {} at {}",
             variant.filename,
@@ -293,8 +332,14 @@ impl Downloads {
             let v = self.get(&id).ok_or("the download vanished")?;
             match v.status {
                 DownloadStatus::Completed => {
-                    log(format!("downloaded {}", variant.filename));
-                    return Ok(target);
+                    // Every part must be here, not only those this download fetched.
+                    return match whole_model(&target) {
+                        Some(path) => {
+                            log(format!("downloaded {}", variant.filename));
+                            Ok(path)
+                        }
+                        None => Err(format!("{} is incomplete after the download; ask again", variant.filename)),
+                    };
                 }
                 DownloadStatus::Failed => return Err(v.error.unwrap_or_else(|| "the download failed".into())),
                 DownloadStatus::Cancelled => return Err("the download was cancelled".into()),
@@ -381,9 +426,15 @@ impl Downloads {
         cancel: &CancellationToken,
     ) -> Result<(), Failure> {
         let mut attempt = 0;
+        let mut reached = 0;
         loop {
             match self.file(request, index, file, cancel).await {
                 Err(Failure::Fatal(e)) if attempt < RETRIES && e.starts_with(RETRYABLE) => {
+                    // Errors in a row: an attempt that got further starts the count again.
+                    let now = self.get(&request.id).map_or(0, |v| v.files[index].downloaded_bytes);
+                    if now > reached {
+                        (reached, attempt) = (now, 0);
+                    }
                     attempt += 1;
                     let wait = Duration::from_secs(1 << (attempt - 1));
                     tracing::warn!("{e}; retry {attempt}/{RETRIES} in {}s", wait.as_secs());
@@ -553,7 +604,11 @@ impl Downloads {
                 });
             }
         }
-        out.sync_all().map_err(|e| Failure::Fatal(format!("{}: {e}", part.display())))?;
+        // A multi-GB file's final flush must not stall the runtime's threads.
+        tokio::task::spawn_blocking(move || out.sync_all())
+            .await
+            .map_err(|e| Failure::Fatal(e.to_string()))?
+            .map_err(|e| Failure::Fatal(format!("{}: {e}", part.display())))?;
         Ok((done, hasher))
     }
 }
@@ -575,9 +630,34 @@ pub fn complete(path: &Path) -> bool {
     path.is_file() && !with_suffix(path, ".part.json").exists()
 }
 
-/// A part of a split model (its other parts may be missing).
-fn is_split(path: &Path) -> bool {
-    path.file_stem().and_then(|s| s.to_str()).is_some_and(|s| super::registry::split_part(s).is_some())
+/// The first file of the model `path` belongs to, when every part of it is complete (a plain
+/// GGUF is its own single part).
+fn whole_model(path: &Path) -> Option<PathBuf> {
+    let stem = path.file_stem()?.to_str()?;
+    let Some((base, _, total)) = super::registry::split_part(stem) else {
+        return complete(path).then(|| path.to_path_buf());
+    };
+    let dir = path.parent()?;
+    let part = |i: u32| dir.join(format!("{base}-{i:05}-of-{total:05}.gguf"));
+    (1..=total).all(|i| complete(&part(i))).then(|| part(1))
+}
+
+/// Whether `file` of `repo` is in `dir`, complete and recorded as coming from there.
+pub fn is_landed(dir: &Path, repo: &RepoId, file: &RemoteFile) -> bool {
+    let target = dir.join(file.path.rsplit('/').next().unwrap_or(&file.path));
+    complete(&target)
+        && std::fs::metadata(&target).is_ok_and(|m| m.len() == file.size_bytes)
+        && read_source(&target).is_some_and(|s| {
+            s.repo_id.as_deref() == Some(repo.as_str()) && s.filename.as_deref() == Some(file.path.as_str())
+        })
+}
+
+/// Why a download cannot start now (409).
+#[derive(Debug)]
+pub struct DownloadConflict(pub String);
+
+fn read_source(model: &Path) -> Option<Source> {
+    serde_json::from_slice(&std::fs::read(source_file(model)).ok()?).ok()
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {

@@ -48,6 +48,9 @@ pub const FAST: &str = "paddock-test/gemma-3-270m-GGUF";
 pub const SPLIT: &str = "paddock-test/gemma-3-270m-split-GGUF";
 /// A plain GGUF served at 40 MiB/s, to catch a download midway.
 pub const SLOW: &str = "paddock-test/gemma-3-270m-slow-GGUF";
+/// Served slowly too, for the test that stops an instance mid-download (its own repository, so
+/// the resume test's record of range requests is its own).
+pub const SLOW_STOP: &str = "paddock-test/stop-midway-GGUF";
 /// A plain GGUF with one byte flipped in what is served.
 pub const CORRUPT: &str = "paddock-test/gemma-3-270m-corrupt-GGUF";
 
@@ -120,6 +123,10 @@ pub fn hub() -> &'static (String, Arc<Hub>) {
         repos.insert(
             SLOW.to_string(),
             repo(vec![hub_file("gemma-3-270m-slow-Q4_K_M.gguf", &model, &model_sha)], 40 << 20, false, 10),
+        );
+        repos.insert(
+            SLOW_STOP.to_string(),
+            repo(vec![hub_file("stop-midway-Q4_K_M.gguf", &model, &model_sha)], 40 << 20, false, 1),
         );
         repos.insert(
             CORRUPT.to_string(),
