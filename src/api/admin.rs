@@ -86,7 +86,7 @@ fn view(model: Model, instances: &[InstanceView], context: u64) -> LocalModelVie
 }
 
 /// Rescans the model directories (cheap: only changed files are read again) off the runtime.
-async fn rescanned(state: &AppState) -> Result<crate::models::registry::Rescan, ApiError> {
+pub(super) async fn rescanned(state: &AppState) -> Result<crate::models::registry::Rescan, ApiError> {
     let dirs = state.config.read().model_search_dirs();
     let store = state.models.clone();
     tokio::task::spawn_blocking(move || store.rescan(&dirs)).await.map_err(|e| {
@@ -95,7 +95,7 @@ async fn rescanned(state: &AppState) -> Result<crate::models::registry::Rescan, 
     })
 }
 
-fn model_or_404(state: &AppState, id: &str) -> Result<Model, ApiError> {
+pub(super) fn model_or_404(state: &AppState, id: &str) -> Result<Model, ApiError> {
     state.models.get(id).ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", "Model not found")
             .with_details(format!("no model with id '{id}'; GET /api/admin/models lists them"))

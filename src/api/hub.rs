@@ -325,13 +325,8 @@ async fn cancel_download(State(state): State<AppState>, Path(id): Path<String>) 
     responses((status = 200, description = "The source", body = Object),
         (status = 404, description = "No such model, or not from a hub (`MODEL_NOT_FOUND`, `SOURCE_UNKNOWN`)", body = ErrorBody)))]
 async fn model_source(State(state): State<AppState>, Path(id): Path<String>) -> Result<impl IntoResponse, ApiError> {
-    let dirs = state.config.read().model_search_dirs();
-    let store = state.models.clone();
-    let _ = tokio::task::spawn_blocking(move || store.rescan(&dirs)).await;
-    let model = state.models.get(&id).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "MODEL_NOT_FOUND", "Model not found")
-            .with_details(format!("no model with id '{id}'; GET /api/admin/models lists them"))
-    })?;
+    super::admin::rescanned(&state).await?;
+    let model = super::admin::model_or_404(&state, &id)?;
     match (&model.source.repo_id, &model.source.filename) {
         (Some(repo), Some(file)) => Ok(axum::Json(serde_json::json!({
             "model_id": model.id, "repo_id": repo, "filename": file,
