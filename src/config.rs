@@ -21,6 +21,14 @@ pub struct Config {
     pub max_running_instances: Option<usize>,
     /// Seconds a `/v1` request waits for an instance it started on demand.
     pub on_demand_start_timeout: u64,
+    /// Memory instances may hold (weights, KV caches, compute buffers), in bytes (`"12GiB"`) or as
+    /// a share of the machine's RAM (`"75%"`). Starting an instance that would exceed it parks or
+    /// frees others first. Default: the RAM less 10% (at least 1 GiB) for the system.
+    #[schema(value_type = Option<String>, example = "75%")]
+    pub memory_budget: Option<MemoryBudget>,
+    /// Disk space for the cached prompts saved when instances are parked (LRU beyond it).
+    #[schema(value_type = String, example = "4GiB")]
+    pub kv_cache_disk_budget: ByteSize,
     pub auth: AuthConfig,
     pub rate_limits: RateLimitConfig,
     /// Origins whose pages may call the API from a browser (CORS); none by default. `"*"` = any.
@@ -88,6 +96,8 @@ impl Default for Config {
             data_dir: default_data_dir(),
             max_running_instances: None,
             on_demand_start_timeout: 120,
+            memory_budget: None,
+            kv_cache_disk_budget: ByteSize(4 << 30),
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
             cors_origins: Vec::new(),
@@ -99,6 +109,14 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The memory budget in bytes on a machine with `total` bytes of RAM.
+    pub fn memory_budget_bytes(&self, total: u64) -> u64 {
+        match self.memory_budget {
+            Some(b) => b.bytes(total),
+            None => total.saturating_sub((total / 10).max(1 << 30)),
+        }
+    }
+
     /// Where the model registry looks: the data dir's `models/`, then `model_dirs`.
     pub fn model_search_dirs(&self) -> Vec<PathBuf> {
         std::iter::once(self.data_dir.join("models")).chain(self.model_dirs.iter().cloned()).collect()
@@ -135,6 +153,9 @@ pub struct ConfigPatch {
     #[schema(value_type = Option<usize>)]
     pub max_running_instances: Option<Option<usize>>,
     pub on_demand_start_timeout: Option<u64>,
+    #[serde(default, deserialize_with = "some")]
+    #[schema(value_type = Option<String>)]
+    pub memory_budget: Option<Option<MemoryBudget>>,
 }
 
 fn some<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -172,6 +193,7 @@ impl Config {
         set!(data_dir, false);
         set!(max_running_instances, true);
         set!(on_demand_start_timeout, true);
+        set!(memory_budget, true);
         next.validate()?;
         Ok((next, report))
     }
@@ -210,6 +232,8 @@ impl Config {
         live!(max_running_instances);
         live!(on_demand_start_timeout);
         live!(model_dirs);
+        live!(memory_budget);
+        live!(kv_cache_disk_budget);
         later!(host);
         later!(port);
         later!(data_dir);
@@ -415,5 +439,143 @@ mod tests {
             Config::load(None, Overrides { data_dir: Some(dir.path().into()), ..Default::default() }).unwrap();
         assert_eq!(used, path);
         assert_eq!(loaded, next);
+    }
+}
+
+/// A number of bytes: a plain number, or a string with a unit (`512MiB`, `4GiB`, `1.5GB`, `800k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let value: f64 = number.parse().map_err(|_| format!("'{text}' is not a size such as 512MiB or 4GiB"))?;
+        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "k" | "kb" => 1e3,
+            "m" | "mb" => 1e6,
+            "g" | "gb" => 1e9,
+            "t" | "tb" => 1e12,
+            "ki" | "kib" => 1024.0,
+            "mi" | "mib" => 1024.0 * 1024.0,
+            "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+            "ti" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+            other => return Err(format!("unknown size unit '{other}' in '{text}'; use B, KiB, MiB, GiB, KB, MB, GB")),
+        };
+        let bytes = value * scale;
+        if !bytes.is_finite() || bytes > u64::MAX as f64 {
+            return Err(format!("'{text}' is too large"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        for (unit, size) in UNITS {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => Ok(ByteSize(n)),
+            NumberOrText::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+/// Bytes, or a share of the machine's RAM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryBudget {
+    Bytes(ByteSize),
+    /// A fraction in (0, 1].
+    Share(f64),
+}
+
+impl MemoryBudget {
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MemoryBudget::Bytes(b) => b.0,
+            MemoryBudget::Share(f) => (total as f64 * f) as u64,
+        }
+    }
+}
+
+impl std::str::FromStr for MemoryBudget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<f64>() {
+                Ok(p) if p > 0.0 && p <= 100.0 => Ok(MemoryBudget::Share(p / 100.0)),
+                _ => Err(format!("memory_budget '{text}': a share must be between 0% and 100%")),
+            },
+            None => text.parse().map(MemoryBudget::Bytes),
+        }
+    }
+}
+
+impl Serialize for MemoryBudget {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MemoryBudget::Bytes(b) => b.serialize(s),
+            MemoryBudget::Share(f) => s.serialize_str(&format!("{}%", f * 100.0)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MemoryBudget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) => Ok(MemoryBudget::Bytes(ByteSize(n))),
+            NumberOrText::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_shares_parse_and_print_back() {
+        assert_eq!("4GiB".parse::<ByteSize>().unwrap(), ByteSize(4 << 30));
+        assert_eq!("1.5 GB".parse::<ByteSize>().unwrap(), ByteSize(1_500_000_000));
+        assert_eq!("512".parse::<ByteSize>().unwrap(), ByteSize(512));
+        assert!("4 parsecs".parse::<ByteSize>().unwrap_err().contains("unit"));
+        assert!("GiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(4 << 30).to_string(), "4GiB");
+        assert_eq!("75%".parse::<MemoryBudget>().unwrap().bytes(1000), 750);
+        assert!("150%".parse::<MemoryBudget>().is_err());
+        let yaml: Config = serde_yaml::from_str("memory_budget: 2GiB\nkv_cache_disk_budget: 100000").unwrap();
+        assert_eq!(yaml.memory_budget, Some(MemoryBudget::Bytes(ByteSize(2 << 30))));
+        assert_eq!(yaml.kv_cache_disk_budget, ByteSize(100_000));
+        let back: Config = serde_yaml::from_str(&serde_yaml::to_string(&yaml).unwrap()).unwrap();
+        assert_eq!(back, yaml);
+        let c = Config::default();
+        assert_eq!(c.memory_budget_bytes(24 << 30), (24u64 << 30) - (24u64 << 30) / 10);
+        assert_eq!(c.memory_budget_bytes(4 << 30), 3 << 30);
     }
 }

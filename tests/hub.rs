@@ -4,7 +4,6 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -12,85 +11,39 @@ use serde_json::{json, Value};
 mod common;
 
 use common::hub::{hub, requests_for, sha256_file, CORRUPT, FAST, SLOW, SLOW_STOP, SPLIT};
+use common::process::{client, Paddock};
 
 // ---------------------------------------------------------------------------------------------
 // Paddock, as a process.
 
-struct Paddock {
-    child: Child,
-    base: String,
+/// Paddock with its hub at `endpoint`.
+async fn start(data: &Path, endpoint: &str) -> Paddock {
+    Paddock::start(data, &["--hf-endpoint", endpoint]).await
 }
 
-impl Paddock {
-    async fn start(data: &Path, endpoint: &str) -> Paddock {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(env!("CARGO_BIN_EXE_paddock"))
-            .args(["serve", "--port", &port.to_string(), "--data-dir", data.to_str().unwrap()])
-            .args(["--hf-endpoint", endpoint])
-            .env_remove("HF_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Paddock { child, base: format!("http://127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client().get(format!("{}/health", p.base)).send().await.is_err() {
-            assert!(Instant::now() < deadline, "paddock did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        p
+async fn download(p: &Paddock, repo: &str, filename: &str, shards: Option<Vec<u32>>) -> Value {
+    let mut body = json!({ "repo_id": repo, "filename": filename });
+    if let Some(s) = shards {
+        body["shards"] = json!(s);
     }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let r = client().get(format!("{}{path}", self.base)).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = client().post(format!("{}{path}", self.base)).json(&body).send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn download(&self, repo: &str, filename: &str, shards: Option<Vec<u32>>) -> Value {
-        let mut body = json!({ "repo_id": repo, "filename": filename });
-        if let Some(s) = shards {
-            body["shards"] = json!(s);
-        }
-        let (status, body) = self.post("/api/admin/hf/download-shards", body).await;
-        assert_eq!(status, 202, "{body}");
-        assert_eq!(body["status"], "downloading");
-        body
-    }
-
-    /// Waits until `pred` holds for the download `id`, and returns it.
-    async fn wait_download(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, list) = self.get("/api/admin/downloads").await;
-            let found = list["downloads"].as_array().and_then(|d| d.iter().find(|d| d["id"] == id)).cloned();
-            if let Some(d) = found.filter(|d| pred(d)) {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "download {id} never became {what}: {list}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
+    let (status, body) = p.post("/api/admin/hf/download-shards", body).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "downloading");
+    body
 }
 
-impl Drop for Paddock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Waits until `pred` holds for the download `id`, and returns it.
+async fn wait_download(p: &Paddock, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, list) = p.get("/api/admin/downloads").await;
+        let found = list["downloads"].as_array().and_then(|d| d.iter().find(|d| d["id"] == id)).cloned();
+        if let Some(d) = found.filter(|d| pred(d)) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "download {id} never became {what}: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(60)).build().unwrap()
 }
 
 fn models_dir_files(data: &Path) -> Vec<String> {
@@ -111,7 +64,7 @@ fn is_done(status: &'static str) -> impl Fn(&Value) -> bool {
 async fn search_probe_and_downloads_of_whole_and_split_models() {
     let (hub_url, _) = hub();
     let data = tempfile::tempdir().unwrap();
-    let p = Paddock::start(data.path(), hub_url).await;
+    let p = start(data.path(), hub_url).await;
 
     // Search: GGUF repositories, most downloaded first, variants grouped, Q4_K_M recommended.
     let (status, hits) = p.get("/api/admin/hf/search?query=gemma%20270m&limit=10").await;
@@ -166,9 +119,9 @@ async fn search_probe_and_downloads_of_whole_and_split_models() {
     assert!(body["details"].as_str().unwrap().contains("2 parts"), "{body}");
 
     // Only the second part of the split model: the registry sees an incomplete model.
-    let started = p.download(SPLIT, part2, Some(vec![1])).await;
+    let started = download(&p, SPLIT, part2, Some(vec![1])).await;
     let id = started["model_id"].as_str().unwrap().to_string();
-    let done = p.wait_download(&id, "completed", is_done("completed")).await;
+    let done = wait_download(&p, &id, "completed", is_done("completed")).await;
     assert_eq!(done["files"].as_array().unwrap().len(), 1, "{done}");
     assert_eq!(done["progress"], 1.0);
     let (_, model) = p.get(&format!("/api/admin/models/{id}")).await;
@@ -179,8 +132,8 @@ async fn search_probe_and_downloads_of_whole_and_split_models() {
 
     // The rest: only the missing part is fetched.
     let before = requests_for(part2).len();
-    p.download(SPLIT, part2, None).await;
-    let done = p.wait_download(&id, "completed", is_done("completed")).await;
+    download(&p, SPLIT, part2, None).await;
+    let done = wait_download(&p, &id, "completed", is_done("completed")).await;
     assert_eq!(requests_for(part2).len(), before, "the part already here is not fetched again");
     assert_eq!(done["files"][0]["status"], "done");
     let (_, model) = p.get(&format!("/api/admin/models/{id}")).await;
@@ -199,7 +152,7 @@ async fn search_probe_and_downloads_of_whole_and_split_models() {
     let ws_url = format!("{}/api/admin/ws", p.base.replace("http://", "ws://"));
     let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
     let file = "gemma-3-270m-Q4_K_M.gguf";
-    p.download(FAST, file, None).await;
+    download(&p, FAST, file, None).await;
     let mut seen = Vec::new();
     while !seen.iter().any(|t| t == "models_changed") {
         let msg = tokio::time::timeout(Duration::from_secs(60), futures::StreamExt::next(&mut ws))
@@ -221,7 +174,7 @@ async fn search_probe_and_downloads_of_whole_and_split_models() {
     for kind in ["download_progress", "activity_event"] {
         assert!(seen.iter().any(|t| t == kind), "{kind} missing from {seen:?}");
     }
-    let done = p.wait_download("gemma-3-270m-Q4_K_M", "completed", is_done("completed")).await;
+    let done = wait_download(&p, "gemma-3-270m-Q4_K_M", "completed", is_done("completed")).await;
     assert_eq!(done["downloaded_bytes"], model_size);
     assert_eq!(sha256_file(&data.path().join("models").join(file)), hub().1.repos[FAST].files[0].sha256);
     let (status, again) = p.post("/api/admin/hf/download-shards", json!({ "repo_id": FAST, "filename": file })).await;
@@ -247,22 +200,22 @@ async fn a_cancelled_or_killed_download_resumes_where_it_stopped() {
     let id = "gemma-3-270m-slow-Q4_K_M";
     let size = hub.repos[SLOW].files[0].size;
     let part = data.path().join("models").join(format!("{file}.part"));
-    let mut p = Paddock::start(data.path(), hub_url).await;
+    let mut p = start(data.path(), hub_url).await;
 
-    p.download(SLOW, file, None).await;
-    let running = p.wait_download(id, "a fifth done", |d| d["progress"].as_f64().unwrap() > 0.2).await;
+    download(&p, SLOW, file, None).await;
+    let running = wait_download(&p, id, "a fifth done", |d| d["progress"].as_f64().unwrap() > 0.2).await;
     assert!(running["speed_bytes_per_sec"].as_u64().unwrap() > 0, "{running}");
     assert!(running["eta_secs"].as_u64().is_some(), "{running}");
     let (status, _) = p.post(&format!("/api/admin/downloads/{id}/cancel"), json!({})).await;
     assert_eq!(status, 200);
-    let cancelled = p.wait_download(id, "cancelled", is_done("cancelled")).await;
+    let cancelled = wait_download(&p, id, "cancelled", is_done("cancelled")).await;
     let kept = std::fs::metadata(&part).expect("the part stays after a cancel").len();
     assert!(kept > size / 5, "{kept} bytes kept; {cancelled}");
     assert!(!data.path().join("models").join(file).exists(), "no file under the model's name yet");
 
     // Asked again: it goes on from the part, with a range.
-    p.download(SLOW, file, None).await;
-    let resumed = p.wait_download(id, "half done", |d| d["progress"].as_f64().unwrap() > 0.5).await;
+    download(&p, SLOW, file, None).await;
+    let resumed = wait_download(&p, id, "half done", |d| d["progress"].as_f64().unwrap() > 0.5).await;
     assert!(resumed["resumed_from_bytes"].as_u64().unwrap() >= kept, "{resumed}");
     let starts = requests_for(file);
     assert!(starts.len() >= 2 && starts[starts.len() - 1] >= kept, "range starts {starts:?}, kept {kept}");
@@ -271,8 +224,8 @@ async fn a_cancelled_or_killed_download_resumes_where_it_stopped() {
     p.kill9();
     let at_kill = std::fs::metadata(&part).unwrap().len();
     assert!(at_kill > size / 2 && at_kill < size, "{at_kill} of {size}");
-    let p = Paddock::start(data.path(), hub_url).await;
-    let done = p.wait_download(id, "completed", is_done("completed")).await;
+    let p = start(data.path(), hub_url).await;
+    let done = wait_download(&p, id, "completed", is_done("completed")).await;
     assert!(done["resumed_from_bytes"].as_u64().unwrap() >= at_kill, "{done}");
     let starts = requests_for(file);
     assert!(*starts.last().unwrap() >= at_kill, "the resumed request starts at the part's end: {starts:?}");
@@ -286,9 +239,9 @@ async fn a_cancelled_or_killed_download_resumes_where_it_stopped() {
 async fn a_corrupted_byte_fails_the_checksum_and_the_file_is_discarded() {
     let (hub_url, _) = hub();
     let data = tempfile::tempdir().unwrap();
-    let p = Paddock::start(data.path(), hub_url).await;
-    p.download(CORRUPT, "gemma-3-270m-corrupt-Q4_K_M.gguf", None).await;
-    let failed = p.wait_download("gemma-3-270m-corrupt-Q4_K_M", "failed", is_done("failed")).await;
+    let p = start(data.path(), hub_url).await;
+    download(&p, CORRUPT, "gemma-3-270m-corrupt-Q4_K_M.gguf", None).await;
+    let failed = wait_download(&p, "gemma-3-270m-corrupt-Q4_K_M", "failed", is_done("failed")).await;
     let error = failed["error"].as_str().unwrap();
     assert!(error.contains("checksum mismatch") && error.contains("discarded"), "{failed}");
     assert_eq!(models_dir_files(data.path()), Vec::<String>::new(), "nothing is left");
@@ -307,7 +260,7 @@ async fn a_corrupted_byte_fails_the_checksum_and_the_file_is_discarded() {
     // A hub that cannot be reached is a 502 that names it, not a hang.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let offline = tempfile::tempdir().unwrap();
-    let q = Paddock::start(offline.path(), &format!("http://{closed}")).await;
+    let q = start(offline.path(), &format!("http://{closed}")).await;
     let (status, body) = q.get("/api/admin/hf/search?query=gemma").await;
     assert_eq!((status, body["code"].as_str()), (502, Some("HUB_UNREACHABLE")), "{body}");
     assert!(body["details"].as_str().unwrap().contains(&closed.to_string()), "{body}");
@@ -317,7 +270,7 @@ async fn a_corrupted_byte_fails_the_checksum_and_the_file_is_discarded() {
 async fn an_hf_repo_instance_downloads_its_model_then_chats() {
     let (hub_url, _) = hub();
     let data = tempfile::tempdir().unwrap();
-    let p = Paddock::start(data.path(), hub_url).await;
+    let p = start(data.path(), hub_url).await;
     let (status, body) = p
         .post(
             "/api/instances/hub-chat",
@@ -363,13 +316,13 @@ async fn an_hf_repo_instance_downloads_its_model_then_chats() {
 async fn stopping_an_hf_repo_instance_while_it_downloads_ends_the_start_at_once() {
     let (hub_url, _) = hub();
     let data = tempfile::tempdir().unwrap();
-    let p = Paddock::start(data.path(), hub_url).await;
+    let p = start(data.path(), hub_url).await;
     let create = json!({ "backend_type": "llama_cpp", "backend_options": { "hf_repo": SLOW_STOP } });
     let (status, body) = p.post("/api/instances/slow", create).await;
     assert_eq!(status, 201, "{body}");
     let (status, body) = p.post("/api/instances/slow/start", json!({})).await;
     assert_eq!(status, 200, "{body}");
-    p.wait_download("stop-midway-Q4_K_M", "under way", |d| d["downloaded_bytes"].as_u64().unwrap() > 0).await;
+    wait_download(&p, "stop-midway-Q4_K_M", "under way", |d| d["downloaded_bytes"].as_u64().unwrap() > 0).await;
     let asked = Instant::now();
     let (status, body) = p.post("/api/instances/slow/stop", json!({})).await;
     assert_eq!(status, 200, "{body}");

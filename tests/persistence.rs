@@ -1,9 +1,7 @@
 //! Instances survive restarts of paddock, and a kill -9 in the middle of a burst of changes
 //! loses no acknowledged change and leaves the database intact. Runs the real binary.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,69 +11,24 @@ use serde_json::{json, Value};
 #[path = "common/mod.rs"]
 mod common;
 
-struct Paddock {
-    child: Child,
-    base: String,
-}
+use common::process::{client, Paddock};
 
-impl Paddock {
-    async fn start(data: &Path) -> Paddock {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        // The burst below creates far more instances per minute than the default limit allows.
-        std::fs::write(data.join("paddock.yaml"), "rate_limits: {management: null, heavy: null}\n").unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_paddock"))
-            .args(["serve", "--port", &port.to_string(), "--data-dir", data.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Paddock { child, base: format!("http://127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while client().get(format!("{}/health", p.base)).send().await.is_err() {
-            assert!(Instant::now() < deadline, "paddock did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        p
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Paddock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(60)).build().unwrap()
+/// A paddock whose rate limits are off: the burst below creates far more instances per minute
+/// than the default limit allows.
+async fn start(data: &Path) -> Paddock {
+    std::fs::write(data.join("paddock.yaml"), "rate_limits: {management: null, heavy: null}\n").unwrap();
+    Paddock::start(data, &[]).await
 }
 
 async fn get(base: &str, path: &str) -> Value {
     client().get(format!("{base}{path}")).send().await.unwrap().json().await.unwrap()
 }
 
-async fn wait_status(base: &str, name: &str, want: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let body = get(base, &format!("/api/instances/{name}")).await;
-        if body["status"] == want {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "{name} never became {want}: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
     let model = common::model_path();
     let data = tempfile::tempdir().unwrap();
-    let mut first = Paddock::start(data.path()).await;
+    let mut first = start(data.path()).await;
     let c = client();
     let small = json!({ "ctx_size": 256, "parallel": 1, "threads": 1 });
     for name in ["keep", "cold"] {
@@ -88,7 +41,7 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
         assert_eq!(r.status().as_u16(), 201);
     }
     c.post(format!("{}/api/instances/keep/start", first.base)).send().await.unwrap();
-    wait_status(&first.base, "keep", "running").await;
+    first.wait_status("keep", "running").await;
 
     // A burst of creates and updates from 8 concurrent clients; kill -9 once 20 are acknowledged.
     let acked_creates = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
@@ -149,7 +102,7 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
         assert_eq!(check, "ok");
     }
 
-    let second = Paddock::start(data.path()).await;
+    let second = start(data.path()).await;
     let list = get(&second.base, "/api/instances").await;
     let names: Vec<&str> = list["instances"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
     for name in &acked {
@@ -160,7 +113,7 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
     assert!(threads >= min_threads, "acknowledged update lost: threads {threads} < {min_threads}");
     assert_eq!(cold["status"], "stopped", "an instance that was stopped stays stopped");
     // The instance that was running comes back up by itself.
-    let keep = wait_status(&second.base, "keep", "running").await;
+    let keep = second.wait_status("keep", "running").await;
     assert_eq!(keep["options"]["context_size"], 256);
 }
 
@@ -168,18 +121,11 @@ async fn instances_survive_restart_and_kill_9_loses_no_acknowledged_change() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_admin_shutdown_route_ends_the_process_cleanly() {
     let data = tempfile::tempdir().unwrap();
-    let mut p = Paddock::start(data.path()).await;
+    let mut p = start(data.path()).await;
     let resp = client().post(format!("{}/api/admin/shutdown", p.base)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["status"], "shutting_down");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "paddock did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p.wait_exit(Duration::from_secs(30)).expect("paddock did not exit");
     assert!(status.success(), "{status}");
 }

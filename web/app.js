@@ -81,7 +81,9 @@ function SystemPanel({ status, info, connection, instances }) {
 
 // ---- instance cards ------------------------------------------------------------------------
 
-const RUNNING_LIKE = ['running', 'starting', 'restarting'];
+const RUNNING_LIKE = ['running', 'starting', 'restarting', 'parked'];
+/** Statuses an instance can be started (and deleted) from. */
+const STARTABLE = ['stopped', 'failed', 'parked'];
 
 /** The health badge: from the status, and the instance's own health check when it runs. */
 export function badgeOf(instance, health) {
@@ -124,6 +126,10 @@ function InstanceCard({ instance, stats, health, onAction, onOpen }) {
         ${instance.port ? html` · port ${instance.port}` : null}
         ${instance.restarts ? html` · ${instance.restarts} restarts` : null}</p>
       <p class="model" title=${instance.model_path || instance.hf_repo || ''}>${modelOf(instance) || '–'}</p>
+      ${instance.memory ? html`<p class="status-line" data-testid="memory"
+          title=${`weights ${formatBytes(instance.memory.weights)}, KV cache ${formatBytes(instance.memory.kv)}, compute ${formatBytes(instance.memory.compute)}`}>
+        ≈ ${formatBytes(instance.memory.total)}${instance.memory.weights_shared_with.length
+          ? ` · weights shared with ${instance.memory.weights_shared_with.join(', ')}` : ''}</p>` : null}
       ${s === 'running' && st ? html`
         <dl class="stats">
           <div><dt>Memory</dt><dd>${formatBytes(st.memory_usage)}</dd></div>
@@ -133,13 +139,13 @@ function InstanceCard({ instance, stats, health, onAction, onOpen }) {
       ${instance.error && s === 'failed' ? html`<p class="card-error">${instance.error}</p>` : null}
       ${error ? html`<p class="card-error" role="alert">${error.message}${error.details ? `: ${error.details}` : ''}</p>` : null}
       <div class="actions">
-        <button type="button" class="primary small" disabled=${busy || !['stopped', 'failed'].includes(s)} onClick=${() => act('start')}>Start</button>
+        <button type="button" class="primary small" disabled=${busy || !STARTABLE.includes(s)} onClick=${() => act('start')}>Start</button>
         <button type="button" class="secondary small" disabled=${busy || !RUNNING_LIKE.includes(s)} onClick=${() => act('stop')}>Stop</button>
         <button type="button" class="secondary small" disabled=${busy || s !== 'running'} onClick=${() => onOpen('chat', instance)}>Chat</button>
         <button type="button" class="secondary small" disabled=${busy || s === 'stopping'} onClick=${() => onOpen('edit', instance)}>Edit</button>
         <button type="button" class="secondary small" onClick=${() => onOpen('logs', instance)}>Logs</button>
-        <button type="button" class="danger small" disabled=${busy || !['stopped', 'failed'].includes(s)} onClick=${() => onOpen('delete', instance)}
-          title=${['stopped', 'failed'].includes(s) ? 'Delete' : 'Stop the instance to delete it'}>Delete</button>
+        <button type="button" class="danger small" disabled=${busy || !STARTABLE.includes(s)} onClick=${() => onOpen('delete', instance)}
+          title=${STARTABLE.includes(s) ? 'Delete' : 'Stop the instance to delete it'}>Delete</button>
       </div>
     </article>`;
 }

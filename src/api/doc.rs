@@ -461,6 +461,8 @@ pub struct SystemStatus {
     /// Alerts raised since paddock started (`GET /api/system/alerts`).
     pub alerts: u64,
     pub resources: Resources,
+    /// The memory budget (`memory_budget`) and what instances hold of it, by the estimates.
+    pub memory_budget: crate::instance::memory::BudgetUsage,
 }
 
 /// Instances by status.
@@ -473,6 +475,8 @@ pub struct InstanceCounts {
     pub stopped: u64,
     pub failed: u64,
     pub restarting: u64,
+    /// Context freed, weights kept loaded for a fast start.
+    pub parked: u64,
 }
 
 #[derive(Serialize, ToSchema)]

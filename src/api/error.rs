@@ -124,6 +124,7 @@ impl From<InstanceError> for ApiError {
             StartFailed { .. } => (StatusCode::SERVICE_UNAVAILABLE, "MODEL_LOAD_FAILED"),
             StartTimeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "START_TIMEOUT"),
             NoCapacity(_) => (StatusCode::CONFLICT, "NO_CAPACITY"),
+            InsufficientMemory { .. } => (StatusCode::CONFLICT, "INSUFFICIENT_MEMORY"),
             Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "STORE_ERROR"),
             InvalidModel { .. } => (StatusCode::BAD_REQUEST, "INVALID_MODEL"),
             PortInUse { .. } => (StatusCode::CONFLICT, "PORT_IN_USE"),
@@ -141,11 +142,17 @@ impl From<InstanceError> for ApiError {
             StartFailed { .. } => "Model failed to load",
             StartTimeout { .. } => "Instance did not become ready in time",
             NoCapacity(_) => "No room to start the instance",
+            InsufficientMemory { .. } => "Not enough memory within memory_budget to start the instance",
             Store(_) => "Could not persist the change",
             InvalidModel { .. } => "The model file is not a valid GGUF",
             PortInUse { .. } => "The instance's port is in use",
         };
-        ApiError::new(status, code, message).with_details(e.to_string())
+        let details = match e {
+            // The arithmetic: what it needs, the budget, and what holds it.
+            InsufficientMemory { details, .. } => details,
+            e => e.to_string(),
+        };
+        ApiError::new(status, code, message).with_details(details)
     }
 }
 

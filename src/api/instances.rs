@@ -170,7 +170,9 @@ fn parse_for(value: Value, name: &str, mismatch: &str) -> Result<Body, ApiError>
     operation_id = "create_instance",
     tag = "instances",
     request_body = doc::InstanceBody,
+    params(DryRunQuery),
     responses(
+        (status = 200, description = "With `dry_run=true`: what the instance would cost in memory and whether it fits now; nothing is created", body = crate::instance::DryRun),
         (status = 201, description = "Created", body = doc::InstanceCreated),
         (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
         (status = 409, description = "An instance of that name exists (`INSTANCE_EXISTS`)", body = ErrorBody),
@@ -179,10 +181,22 @@ fn parse_for(value: Value, name: &str, mismatch: &str) -> Result<Body, ApiError>
         (status = 500, description = "The instance could not be saved (`STORE_ERROR`)", body = ErrorBody),
     ),
 )]
-async fn create(State(state): State<AppState>, Json(value): Json<Value>) -> Result<impl IntoResponse, ApiError> {
+async fn create(
+    State(state): State<AppState>,
+    Query(q): Query<DryRunQuery>,
+    Json(value): Json<Value>,
+) -> Result<impl IntoResponse, ApiError> {
     let body = parse_body(with_adapter_paths(&state, value)?)?;
     let name = body.name.clone().ok_or_else(|| invalid("missing field `name`"))?;
-    create_from(&state, name, body).await
+    create_from(&state, name, body, q.dry_run).await
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct DryRunQuery {
+    /// Only answer what the instance would cost in memory and whether it fits now.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 /// Create an instance named by the path (llamactl's form); a `name` in the body must match.
@@ -191,9 +205,10 @@ async fn create(State(state): State<AppState>, Json(value): Json<Value>) -> Resu
     path = "/instances/{name}",
     operation_id = "create_named_instance",
     tag = "instances",
-    params(("name" = String, Path, description = "The new instance's name")),
+    params(("name" = String, Path, description = "The new instance's name"), DryRunQuery),
     request_body = doc::InstanceBody,
     responses(
+        (status = 200, description = "With `dry_run=true`: what the instance would cost in memory and whether it fits now; nothing is created", body = crate::instance::DryRun),
         (status = 201, description = "Created", body = doc::InstanceCreated),
         (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
         (status = 409, description = "An instance of that name exists (`INSTANCE_EXISTS`)", body = ErrorBody),
@@ -205,19 +220,29 @@ async fn create(State(state): State<AppState>, Json(value): Json<Value>) -> Resu
 async fn create_named(
     State(state): State<AppState>,
     Path(name): Path<String>,
+    Query(q): Query<DryRunQuery>,
     Json(value): Json<Value>,
 ) -> Result<impl IntoResponse, ApiError> {
     let body =
         parse_for(with_adapter_paths(&state, value)?, &name, "the name in the body differs from the one in the path")?;
-    create_from(&state, name, body).await
+    create_from(&state, name, body, q.dry_run).await
 }
 
-async fn create_from(state: &AppState, name: String, body: Body) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+async fn create_from(
+    state: &AppState,
+    name: String,
+    body: Body,
+    dry_run: bool,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
     let source =
         body.source.ok_or_else(|| invalid("give a model: model_path (or backend_options.model), or hf_repo"))?;
     let mut policy = Policy::default();
     policy.apply(&body.policy);
     let spec = InstanceSpec { name, source, port: body.port, options: body.options, policy };
+    if dry_run {
+        let answer = state.registry.dry_run(spec).await?;
+        return Ok((StatusCode::OK, axum::Json(serde_json::to_value(answer).unwrap_or_default())));
+    }
     let instance = state.registry.create(spec).await?;
     Ok((StatusCode::CREATED, axum::Json(json!({ "message": "Instance created successfully", "instance": instance }))))
 }

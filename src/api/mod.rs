@@ -91,7 +91,7 @@ impl AppState {
         config.prepare().map_err(|e| e.to_string())?;
         let database = config.data_dir.join(DATABASE);
         let registry = Registry::open(&database).map_err(|e| e.to_string())?;
-        registry.set_max_running(config.max_running_instances);
+        apply_limits(&registry, &config);
         registry.set_bind_host(config.host);
         let auth = crate::auth::Auth::open(&config.auth, &database, &config.data_dir, config.host.is_loopback())?;
         let downloads = crate::models::Downloads::new(
@@ -121,6 +121,18 @@ impl AppState {
             system: Default::default(),
         })
     }
+}
+
+/// The operational limits of `config` that apply live: instances running at once, the memory
+/// budget, and the saved prompts' place and disk budget.
+pub(crate) fn apply_limits(registry: &Registry, config: &Config) {
+    registry.set_max_running(config.max_running_instances);
+    let ram = sysinfo::System::new_with_specifics(
+        sysinfo::RefreshKind::nothing().with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram()),
+    )
+    .total_memory();
+    registry.set_memory_budget(config.memory_budget_bytes(ram));
+    registry.set_kv_store(config.data_dir.join("kv"), config.kv_cache_disk_budget.0);
 }
 
 pub fn app(state: AppState) -> Router {

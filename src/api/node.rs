@@ -131,7 +131,7 @@ async fn reload_config(State(state): State<AppState>) -> Result<impl IntoRespons
         ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIG", "Invalid configuration")
             .with_details(format!("{}: {e}", path.display()))
     })?;
-    state.registry.set_max_running(next.max_running_instances);
+    super::apply_limits(&state.registry, &next);
     *state.config.write() = next;
     Ok(axum::Json(json!({
         "status": "ok",

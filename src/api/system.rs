@@ -129,8 +129,10 @@ async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
             "stopped": count(Status::Stopped),
             "failed": count(Status::Failed),
             "restarting": count(Status::Restarting),
+            "parked": count(Status::Parked),
         },
         "alerts": state.registry.alerts().len(),
+        "memory_budget": state.registry.memory_usage(),
         "resources": {
             "cpu_usage": r.cpu_usage,
             "memory_usage": r.memory_used,
@@ -199,11 +201,12 @@ pub(super) async fn update_config(
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "CONFIG_SAVE_FAILED", "Could not save the configuration")
                 .with_details(e)
         })?;
-    state.registry.set_max_running(next.max_running_instances);
     // What needs a restart stays as it is in memory until then.
     let mut live = current;
     live.max_running_instances = next.max_running_instances;
     live.on_demand_start_timeout = next.on_demand_start_timeout;
+    live.memory_budget = next.memory_budget;
+    super::apply_limits(&state.registry, &live);
     *state.config.write() = live;
     let message = if report.restart_required.is_empty() {
         "Configuration updated"

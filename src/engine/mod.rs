@@ -17,6 +17,7 @@ pub mod chat;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
+pub mod weights;
 mod worker;
 
 use std::path::PathBuf;
@@ -31,6 +32,12 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::logs::LogBuffer;
 pub use sampling::SamplingParams;
+
+/// Context per slot when the instance gives no context size (capped at the model's training
+/// context).
+pub const DEFAULT_CTX_PER_SLOT: u32 = 4096;
+/// Micro-batch size llama.cpp computes in, at most (llama-server's default).
+pub const MAX_UBATCH: u32 = 512;
 
 /// Everything an engine thread needs to load a model and serve it. Plain data: built by the
 /// instance layer from validated options.
@@ -60,6 +67,9 @@ pub struct EngineConfig {
     pub logs: Arc<LogBuffer>,
     /// Set to abandon a load in progress (llama.cpp's progress callback checks it).
     pub cancel_load: Arc<AtomicBool>,
+    /// Where the slots' cached prompts are saved by a shutdown that asks for it, and restored
+    /// from at the next start (see [`EngineThread::shutdown`]).
+    pub kv_dir: Option<PathBuf>,
 }
 
 /// A LoRA adapter (GGUF) and its scale.
@@ -106,7 +116,10 @@ pub struct ModelInfo {
     /// llama.cpp pools each micro-batch on its own.
     pub n_embd_input: u32,
     pub model_path: String,
+    /// Time spent loading the weights for this start (0 when they were already loaded).
     pub load_ms: u64,
+    /// The weights were already loaded (shared with another instance, or kept while parked).
+    pub weights_reused: bool,
 }
 
 /// The prompt of a generation request.
@@ -452,7 +465,10 @@ pub(crate) enum EngineCommand {
         reply: oneshot::Sender<Result<Embeddings, EngineError>>,
         permit: OwnedSemaphorePermit,
     },
-    Shutdown,
+    /// `save_kv`: write each slot's cached prompt to the config's `kv_dir` before exiting.
+    Shutdown {
+        save_kv: bool,
+    },
 }
 
 /// Cheap handle to a running engine. Cloned into every request handler.
@@ -541,9 +557,10 @@ impl EngineThread {
     }
 
     /// Asks the worker to stop (in-flight requests end with [`EngineError::Stopped`]) and joins
-    /// it, waiting at most `deadline`. Blocking: call from a blocking context.
-    pub fn shutdown(mut self, deadline: Duration) -> bool {
-        let _ = self.engine.tx.send(EngineCommand::Shutdown);
+    /// it, waiting at most `deadline`. With `save_kv` the slots' cached prompts are saved first,
+    /// for the next start to reuse. Blocking: call from a blocking context.
+    pub fn shutdown(mut self, deadline: Duration, save_kv: bool) -> bool {
+        let _ = self.engine.tx.send(EngineCommand::Shutdown { save_kv });
         let Some(join) = self.join.take() else { return true };
         let start = Instant::now();
         while !join.is_finished() {
@@ -562,7 +579,7 @@ impl Drop for EngineThread {
     fn drop(&mut self) {
         // Not joined here: Drop may run on an async thread. The worker exits on its own once it
         // sees Shutdown or the channel closing.
-        let _ = self.engine.tx.send(EngineCommand::Shutdown);
+        let _ = self.engine.tx.send(EngineCommand::Shutdown { save_kv: false });
     }
 }
 

@@ -12,6 +12,9 @@ pub enum Status {
     Failed,
     /// Waiting out `restart_delay` before an automatic restart.
     Restarting,
+    /// Stopped to make room (eviction, idle timeout) with its weights kept loaded while the
+    /// memory budget allows: its next start only creates a context.
+    Parked,
 }
 
 /// What happens to an instance.
@@ -31,6 +34,10 @@ pub enum Event {
     Crashed,
     /// The supervisor schedules an automatic restart of a failed instance.
     ScheduleRestart,
+    /// The supervisor stops it to make room or after its idle timeout, keeping its weights.
+    Park,
+    /// The engine thread has ended after a park (its context is freed).
+    ContextFreed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -45,13 +52,17 @@ impl Status {
         use Event::*;
         use Status::*;
         match (self, event) {
-            (Stopped | Failed | Restarting, Start) => Ok(Starting),
+            (Stopped | Failed | Restarting | Status::Parked, Start) => Ok(Starting),
             (Failed, ScheduleRestart) => Ok(Restarting),
             // Stopping an instance that waits to be restarted cancels the restart.
             (Restarting, Stop) => Ok(Stopped),
             (Starting, Loaded) => Ok(Running),
             (Starting, LoadFailed) => Ok(Failed),
             (Starting | Running, Stop) => Ok(Stopping),
+            (Running, Park) => Ok(Stopping),
+            (Stopping, ContextFreed) => Ok(Status::Parked),
+            // Stopping a parked instance frees its weights.
+            (Status::Parked, Stop) => Ok(Stopped),
             (Stopping, Halted) => Ok(Stopped),
             // A load that ends while a stop is in progress: the stop wins.
             (Stopping, Loaded | LoadFailed) => Ok(Stopping),
@@ -69,6 +80,7 @@ impl Status {
             Status::Stopping => "stopping",
             Status::Failed => "failed",
             Status::Restarting => "restarting",
+            Status::Parked => "parked",
         }
     }
 }
@@ -89,6 +101,8 @@ impl std::fmt::Display for Event {
             Event::Halted => "halt",
             Event::Crashed => "crash",
             Event::ScheduleRestart => "schedule a restart of",
+            Event::Park => "park",
+            Event::ContextFreed => "finish parking",
         };
         f.write_str(verb)
     }
@@ -129,6 +143,17 @@ mod tests {
         assert_eq!(Restarting.transition(Start).unwrap(), Starting);
         assert_eq!(Restarting.transition(Stop).unwrap(), Stopped);
         assert!(Running.transition(ScheduleRestart).is_err());
+    }
+
+    #[test]
+    fn parking_keeps_a_way_back_and_a_way_out() {
+        let s = Running.transition(Park).unwrap();
+        assert_eq!(s, Stopping);
+        assert_eq!(s.transition(ContextFreed).unwrap(), Status::Parked);
+        assert_eq!(Status::Parked.transition(Start).unwrap(), Starting);
+        assert_eq!(Status::Parked.transition(Stop).unwrap(), Stopped);
+        assert!(Status::Parked.transition(Park).is_err());
+        assert!(Starting.transition(Park).is_err());
     }
 
     #[test]

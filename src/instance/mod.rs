@@ -5,7 +5,8 @@
 //! - [`options`]: user-facing options and their validation into an `EngineConfig`.
 //! - [`spec`]: model source, options and supervision policy: what is persisted.
 //! - [`supervisor`]: start, stop (graceful drain), restart, automatic restarts, on-demand
-//!   start, idle stop, eviction under `max_running_instances`.
+//!   start, parking (eviction under `max_running_instances` and the memory budget, idle stops).
+//! - [`memory`]: the memory budget's accounting and which instance gives way (pure).
 //! - this file: [`Registry`], the one handle to all instances; create, update, delete, views.
 //!
 //! # Locking
@@ -15,6 +16,7 @@
 //! result of an earlier start cannot overwrite a newer one.
 
 pub mod lifecycle;
+pub mod memory;
 pub mod options;
 pub mod spec;
 pub mod store;
@@ -33,8 +35,10 @@ use tokio::sync::{broadcast, watch};
 use tracing::Level;
 
 use crate::engine::chat::ChatTemplate;
+use crate::engine::weights::{Weights, WeightsKey};
 use crate::engine::{Engine, EngineThread, ModelInfo, StatsSnapshot};
 use crate::logs::{LogBuffer, LogLine};
+use crate::models::memory::{Footprint, Shape};
 pub use lifecycle::{Event, IllegalTransition, Status};
 pub use options::InstanceOptions;
 pub use spec::{InstanceSpec, ModelSource, Policy, PolicyPatch, SpecPatch};
@@ -68,6 +72,9 @@ pub enum InstanceError {
     StartTimeout { name: String, secs: u64 },
     #[error("{0}")]
     NoCapacity(String),
+    /// The memory budget cannot hold the instance even after parking and freeing what may be.
+    #[error("not enough memory to start '{name}' within memory_budget")]
+    InsufficientMemory { name: String, details: String },
     #[error("persisting the change failed: {0}")]
     Store(String),
     #[error("{path} is not a usable GGUF model: {reason}")]
@@ -145,11 +152,33 @@ pub struct InstanceView {
     /// Engine counters, while running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stats: Option<InstanceStats>,
+    /// What the instance costs (or would cost) in memory; absent while its model file is unknown
+    /// (a Hugging Face model not yet downloaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<InstanceMemory>,
+}
+
+/// An instance's memory, computed from its GGUF and options (see `models::memory`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct InstanceMemory {
+    /// Model weights and vocabulary tables, in bytes.
+    pub weights: u64,
+    /// KV cache, in bytes.
+    pub kv: u64,
+    /// Logits and the activations of one micro-batch, in bytes.
+    pub compute: u64,
+    pub total: u64,
+    /// Where it lives (`CPU` = RAM).
+    pub device: &'static str,
+    /// Other instances that hold the same weights now (running or parked): the weights are
+    /// loaded, and counted, once for all of them.
+    pub weights_shared_with: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct InstanceStats {
-    /// Bytes of model weights (the context's KV cache comes on top).
+    /// Bytes the instance holds by the memory estimate (weights, KV cache, compute), or of its
+    /// weights alone when there is no estimate.
     pub memory_usage: u64,
     /// Seconds since the engine became ready.
     pub uptime: u64,
@@ -207,6 +236,14 @@ struct Entry {
     /// The instance's own port, bound when it starts (so a port in use fails the start) and
     /// taken by the API layer, which serves the instance's routes on it while it runs.
     port_listener: Option<std::net::TcpListener>,
+    /// The model file: the spec's path, or where a Hugging Face model was downloaded to.
+    model_file: Option<PathBuf>,
+    /// The model's header figures, read when the model file became known.
+    shape: Option<Arc<Shape>>,
+    /// Which loaded weights it uses or would use.
+    weights_key: Option<WeightsKey>,
+    /// While parked: the weights kept loaded for it, and since when.
+    parked: Option<(Arc<Weights>, Instant)>,
 }
 
 impl Entry {
@@ -225,7 +262,50 @@ impl Entry {
             restarts: 0,
             desired_running: false,
             port_listener: None,
+            model_file: None,
+            shape: None,
+            weights_key: None,
+            parked: None,
         }
+    }
+
+    /// Records the model file and its header (read by [`read_shape`]).
+    fn set_model(&mut self, file: PathBuf, shape: Option<Shape>) {
+        self.weights_key = Some(self.spec.options.weights_key(&file));
+        self.shape = shape.map(Arc::new);
+        self.model_file = Some(file);
+    }
+
+    fn footprint(&self) -> Option<Footprint> {
+        self.shape.as_ref().map(|s| self.spec.options.footprint(s))
+    }
+
+    /// Holds a context: its weights and KV cache are in memory, or being loaded or freed.
+    fn is_active(&self) -> bool {
+        matches!(self.status, Status::Running | Status::Starting | Status::Stopping)
+    }
+
+    /// What it holds, for the memory budget; None when it holds nothing.
+    fn holder(&self) -> Option<memory::Holder> {
+        let state = if self.is_active() {
+            let engine = self.running.as_ref().map(|r| &r.serving.engine);
+            memory::Held::Active {
+                evictable: self.spec.policy.evictable,
+                starting: self.status != Status::Running,
+                busy: engine.is_some_and(Engine::is_busy),
+                idle_for: engine.map_or(Duration::ZERO, Engine::idle_for),
+            }
+        } else if let Some((_, since)) = &self.parked {
+            memory::Held::Parked { idle_for: since.elapsed() }
+        } else {
+            return None;
+        };
+        Some(memory::Holder {
+            name: self.spec.name.clone(),
+            state,
+            key: self.weights_key.clone(),
+            footprint: self.footprint(),
+        })
     }
 
     fn view(&self) -> InstanceView {
@@ -247,7 +327,7 @@ impl Entry {
                 let cpu_time_ms = thread_cpu_ms(engine.thread_id);
                 let wall_ms = r.since.elapsed().as_millis().max(1) as f64;
                 InstanceStats {
-                    memory_usage: r.serving.engine.info().size_bytes,
+                    memory_usage: self.footprint().map_or(r.serving.engine.info().size_bytes, |f| f.total()),
                     uptime: r.since.elapsed().as_secs(),
                     cpu_time_ms,
                     cpu_usage: cpu_time_ms.map(|ms| (ms as f64 * 100.0 / wall_ms).min(100.0)),
@@ -255,8 +335,30 @@ impl Entry {
                     engine,
                 }
             }),
+            memory: self.footprint().map(|f| InstanceMemory {
+                weights: f.weights,
+                kv: f.kv,
+                compute: f.compute,
+                total: f.total(),
+                device: "CPU",
+                weights_shared_with: Vec::new(),
+            }),
         }
     }
+}
+
+/// Fills in, for each view, which other instances hold the same weights now.
+fn mark_shared(map: &HashMap<String, Entry>, view: &mut InstanceView) {
+    let Some(memory) = view.memory.as_mut() else { return };
+    let Some(key) = map.get(&view.name).and_then(|e| e.weights_key.as_ref()) else { return };
+    let mut names: Vec<String> = map
+        .values()
+        .filter(|e| e.spec.name != view.name && e.weights_key.as_ref() == Some(key))
+        .filter(|e| e.is_active() || e.parked.is_some())
+        .map(|e| e.spec.name.clone())
+        .collect();
+    names.sort();
+    memory.weights_shared_with = names;
 }
 
 /// Something an operator must act on, e.g. an instance that auto-restart gave up on.
@@ -292,6 +394,11 @@ struct Inner {
     alerts: Mutex<std::collections::VecDeque<Alert>>,
     /// Most instances running (or starting) at once; None = no limit.
     max_running: Mutex<Option<usize>>,
+    /// Bytes instances may hold (see [`memory`]).
+    memory_budget: Mutex<u64>,
+    /// Where parked instances' cached prompts are saved (one directory each), and how much of
+    /// the disk they may take; None = not saved.
+    kv_store: Mutex<Option<(PathBuf, u64)>>,
     /// Address instances' own ports bind to (the server's host).
     bind_host: Mutex<std::net::IpAddr>,
     /// Where instance records are persisted; None = in memory only.
@@ -335,6 +442,8 @@ impl Registry {
                 events,
                 alerts: Mutex::new(std::collections::VecDeque::new()),
                 max_running: Mutex::new(None),
+                memory_budget: Mutex::new(u64::MAX),
+                kv_store: Mutex::new(None),
                 bind_host: Mutex::new(std::net::IpAddr::from([127, 0, 0, 1])),
                 store,
                 last_version: AtomicU64::new(0),
@@ -491,16 +600,72 @@ impl Registry {
         *self.inner.max_running.lock() = max;
     }
 
+    /// Bytes instances may hold; starting one that would exceed it parks or frees others first.
+    pub fn set_memory_budget(&self, bytes: u64) {
+        *self.inner.memory_budget.lock() = bytes;
+    }
+
+    /// Saves parked instances' cached prompts under `dir` (at most `budget` bytes, least
+    /// recently saved dropped first).
+    pub fn set_kv_store(&self, dir: PathBuf, budget: u64) {
+        *self.inner.kv_store.lock() = Some((dir, budget));
+    }
+
+    /// The memory budget and what holds it now.
+    pub fn memory_usage(&self) -> memory::BudgetUsage {
+        let budget = *self.inner.memory_budget.lock();
+        let map = self.inner.map.lock();
+        let holders: Vec<_> = map.values().filter_map(Entry::holder).collect();
+        memory::usage(budget, &holders)
+    }
+
+    /// What creating `spec` would cost, and whether it would fit now (`POST …?dry_run=true`).
+    pub async fn dry_run(&self, spec: InstanceSpec) -> Result<DryRun, InstanceError> {
+        validate_name(&spec.name)?;
+        let shape = validate_spec(&spec).await?;
+        let mut entry = Entry::new(spec, Utc::now());
+        if let Some((file, shape)) = shape {
+            entry.set_model(file, shape);
+        }
+        let budget = *self.inner.memory_budget.lock();
+        let map = self.inner.map.lock();
+        let holders: Vec<_> =
+            map.values().filter(|e| e.spec.name != entry.spec.name).filter_map(Entry::holder).collect();
+        let plan = entry.footprint().map(|f| memory::plan(budget, &holders, &entry.spec.name, &entry.weights_key, f));
+        let mut view = entry.view();
+        if let Some(m) = view.memory.as_mut() {
+            let key = entry.weights_key.as_ref();
+            m.weights_shared_with = map
+                .values()
+                .filter(|e| e.weights_key.as_ref() == key && (e.is_active() || e.parked.is_some()))
+                .map(|e| e.spec.name.clone())
+                .collect();
+        }
+        let fits_now = plan.as_ref().map(|p| *p == memory::Step::Fits);
+        let would_give_way = match &plan {
+            Some(memory::Step::Park(n) | memory::Step::Release(n)) => vec![n.clone()],
+            _ => vec![],
+        };
+        let refused = match plan {
+            Some(memory::Step::Refuse(why)) => Some(why),
+            _ => None,
+        };
+        Ok(DryRun { memory: view.memory, usage: memory::usage(budget, &holders), fits_now, would_give_way, refused })
+    }
+
     /// Creates an instance (stopped). Acknowledged only once persisted.
     pub async fn create(&self, spec: InstanceSpec) -> Result<InstanceView, InstanceError> {
         validate_name(&spec.name)?;
-        validate_spec(&spec).await?;
+        let shape = validate_spec(&spec).await?;
         let view = {
             let mut map = self.inner.map.lock();
             if map.contains_key(&spec.name) {
                 return Err(InstanceError::AlreadyExists(spec.name));
             }
-            let entry = Entry::new(spec, Utc::now());
+            let mut entry = Entry::new(spec, Utc::now());
+            if let Some((file, shape)) = shape {
+                entry.set_model(file, shape);
+            }
             entry
                 .logs
                 .push(Level::INFO, format!("instance created with model {}", describe_source(&entry.spec.source)));
@@ -521,7 +686,7 @@ impl Registry {
     pub async fn update(&self, name: &str, patch: &SpecPatch) -> Result<(InstanceView, bool), InstanceError> {
         let mut spec = self.with_entry(name, |e| e.spec.clone())?;
         patch.apply_to(&mut spec);
-        validate_spec(&spec).await?;
+        let shape = validate_spec(&spec).await?;
         let (view, changed, restart_required) = {
             let mut map = self.inner.map.lock();
             let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
@@ -530,6 +695,13 @@ impl Registry {
             if changed {
                 e.spec = spec;
                 e.updated_at = Utc::now();
+                // Applies at the next start; until then a running instance keeps what it holds.
+                if !e.is_active() {
+                    (e.model_file, e.shape, e.weights_key) = (None, None, None);
+                    if let Some((file, shape)) = shape {
+                        e.set_model(file, shape);
+                    }
+                }
                 e.logs.push(
                     Level::INFO,
                     if restart_required {
@@ -551,22 +723,31 @@ impl Registry {
     pub fn list(&self) -> Vec<InstanceView> {
         let map = self.inner.map.lock();
         let mut views: Vec<_> = map.values().map(Entry::view).collect();
+        for view in &mut views {
+            mark_shared(&map, view);
+        }
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
     }
 
     pub fn get(&self, name: &str) -> Result<InstanceView, InstanceError> {
-        self.with_entry(name, |e| e.view())
+        let map = self.inner.map.lock();
+        let mut view = map.get(name).map(Entry::view).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+        mark_shared(&map, &mut view);
+        Ok(view)
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), InstanceError> {
         {
             let mut map = self.inner.map.lock();
             let entry = map.get(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
-            if !matches!(entry.status, Status::Stopped | Status::Failed) {
+            if !matches!(entry.status, Status::Stopped | Status::Failed | Status::Parked) {
                 return Err(InstanceError::Busy { name: name.to_string(), status: entry.status });
             }
             map.remove(name);
+        }
+        if let Some(dir) = self.kv_dir(name) {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }
         self.persist(name, true).await?;
         let _ = self.inner.events.send(RegistryEvent::Deleted(name.to_string()));
@@ -609,6 +790,7 @@ impl Registry {
             (Status::Restarting, _) => ("loading", "restarting", "unavailable"),
             (Status::Failed, _) => ("failed", "failed", "unavailable"),
             (Status::Stopping, _) => ("unhealthy", "stopping", "unavailable"),
+            (Status::Parked, _) => ("parked", "parked", "unavailable"),
             _ => ("stopped", "stopped", "unavailable"),
         };
         let port = match (has_port, status) {
@@ -643,24 +825,48 @@ fn apply(events: &broadcast::Sender<RegistryEvent>, e: &mut Entry, event: Event)
 }
 
 /// Checks options, policy and the model file (paddock's own GGUF check, on a blocking thread:
-/// it reads the file's metadata).
-async fn validate_spec(spec: &InstanceSpec) -> Result<(), InstanceError> {
+/// it reads the file's metadata). Returns the model file and its memory figures when the spec
+/// names a local file.
+async fn validate_spec(spec: &InstanceSpec) -> Result<Option<(PathBuf, Option<Shape>)>, InstanceError> {
     spec.options.validate().map_err(InstanceError::InvalidOptions)?;
     spec.policy.validate().map_err(InstanceError::InvalidOptions)?;
-    let Some(path) = spec.model_path().cloned() else { return Ok(()) };
+    let Some(path) = spec.model_path().cloned() else { return Ok(None) };
     if !path.is_file() {
         return Err(InstanceError::ModelNotFound(path.display().to_string()));
     }
-    let checked =
-        tokio::task::spawn_blocking(move || crate::models::gguf::validate(&path).map(|_| ()).map_err(|e| (path, e)))
-            .await;
+    let checked = tokio::task::spawn_blocking(move || match crate::models::gguf::validate(&path) {
+        Ok(_) => Ok((read_shape(&path), path)),
+        Err(e) => Err((path, e)),
+    })
+    .await;
     match checked {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok((shape, path))) => Ok(Some((path, shape))),
         Ok(Err((path, e))) => {
             Err(InstanceError::InvalidModel { path: path.display().to_string(), reason: e.to_string() })
         }
         Err(e) => Err(InstanceError::Store(e.to_string())),
     }
+}
+
+/// The model's memory figures; None (logged) when its header lacks them, in which case the
+/// budget cannot count it.
+fn read_shape(path: &Path) -> Option<Shape> {
+    crate::models::registry::shape_of(path).map_err(|e| tracing::warn!("no memory estimate: {e}")).ok()
+}
+
+/// What `POST /api/instances/{name}?dry_run=true` answers.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DryRun {
+    /// What the instance would cost; absent for a Hugging Face model not downloaded yet.
+    pub memory: Option<InstanceMemory>,
+    /// The budget and what holds it now.
+    pub usage: memory::BudgetUsage,
+    /// Whether it fits without parking or freeing anything (absent when its cost is unknown).
+    pub fits_now: Option<bool>,
+    /// The instance that would give way first to make room (more may follow).
+    pub would_give_way: Vec<String>,
+    /// Why it could not start even after everything evictable gave way.
+    pub refused: Option<String>,
 }
 
 fn describe_source(source: &ModelSource) -> String {

@@ -1,14 +1,16 @@
 //! Instance options as users write them (seed names and llama-server's names), and their
 //! validation into an engine configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::EngineConfig;
+use crate::engine::weights::WeightsKey;
+use crate::engine::{EngineConfig, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
 use crate::logs::LogBuffer;
+use crate::models::memory::{footprint, Footprint, Layout, Shape};
 
 /// Options of an instance. Every field is optional; unset fields take the defaults below.
 /// Unknown names are refused (with the list of known ones) rather than silently ignored.
@@ -212,6 +214,31 @@ impl InstanceOptions {
         }
     }
 
+    /// Layers offloaded: all unless a non-negative number is given (llama-server's -1 = all).
+    fn n_gpu_layers(&self) -> u32 {
+        match self.gpu_layers {
+            Some(n) if n >= 0 => n as u32,
+            _ => u32::MAX,
+        }
+    }
+
+    /// What these options cost in memory with a model of `shape`: the engine's own context
+    /// layout (see `engine::worker::load`) put through the memory arithmetic.
+    pub fn footprint(&self, shape: &Shape) -> Footprint {
+        let parallel = self.parallel.unwrap_or(DEFAULT_PARALLEL);
+        let n_train = shape.context_length.unwrap_or(u64::MAX).max(16);
+        let n_ctx =
+            self.context_size.map_or_else(|| (DEFAULT_CTX_PER_SLOT as u64 * parallel as u64).min(n_train), u64::from);
+        let n_ubatch = self.batch_size.unwrap_or(DEFAULT_BATCH).min(MAX_UBATCH);
+        footprint(shape, Layout { n_ctx, n_parallel: parallel as u64, n_ubatch: n_ubatch as u64 })
+    }
+
+    /// Which loaded weights an instance with these options and `model` can share.
+    pub fn weights_key(&self, model: &Path) -> WeightsKey {
+        let lora: Vec<&Path> = self.lora.iter().flatten().map(|l| l.path.as_path()).collect();
+        WeightsKey::new(model, self.n_gpu_layers(), &lora)
+    }
+
     pub fn engine_config(
         &self,
         name: &str,
@@ -226,10 +253,7 @@ impl InstanceOptions {
             n_ctx: self.context_size,
             n_threads: threads as i32,
             n_threads_batch: self.threads_batch.unwrap_or(threads) as i32,
-            n_gpu_layers: match self.gpu_layers {
-                Some(n) if n >= 0 => n as u32,
-                _ => u32::MAX,
-            },
+            n_gpu_layers: self.n_gpu_layers(),
             n_parallel: self.parallel.unwrap_or(DEFAULT_PARALLEL),
             n_batch: self.batch_size.unwrap_or(DEFAULT_BATCH),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE),
@@ -245,6 +269,7 @@ impl InstanceOptions {
                 .collect(),
             logs,
             cancel_load,
+            kv_dir: None,
         }
     }
 }

@@ -9,13 +9,14 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tracing::Level;
 
-use super::{apply, chat_template, Event, InstanceError, ModelSource, Registry, Running, Serving, Status};
-use crate::engine::{EngineError, EngineThread, ExitReport};
+use super::{apply, chat_template, memory, Event, InstanceError, ModelSource, Registry, Running, Serving, Status};
+use crate::engine::weights;
+use crate::engine::{EngineConfig, EngineError, EngineThread, ExitReport};
 
 /// How long a shutdown waits for the engine thread to finish its current step and exit.
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
@@ -50,6 +51,7 @@ impl Registry {
     /// (`running`, or `failed` with its reason) is applied when the load ends.
     pub async fn start(&self, name: &str) -> Result<Status, InstanceError> {
         self.check_startable(name)?;
+        self.read_model_shape(name).await;
         self.make_room(name).await?;
         let status = self.begin_start(name, true)?;
         self.set_desired(name, true).await;
@@ -70,20 +72,64 @@ impl Registry {
         })?
     }
 
-    /// Stops least recently used instances until one more may run.
+    /// Reads the model's memory figures if they are not known yet (an instance restored from
+    /// the database, or whose file appeared since).
+    async fn read_model_shape(&self, name: &str) {
+        let Ok(Some(path)) = self.with_entry(name, |e| match (&e.shape, e.model_file.clone()) {
+            (None, Some(file)) => Some(file),
+            (None, None) => e.spec.model_path().cloned(),
+            (Some(_), _) => None,
+        }) else {
+            return;
+        };
+        let read = path.clone();
+        let Ok(shape) = tokio::task::spawn_blocking(move || super::read_shape(&read)).await else { return };
+        if let Some(e) = self.inner.map.lock().get_mut(name) {
+            if e.shape.is_none() {
+                e.set_model(path, shape);
+            }
+        }
+    }
+
+    /// Parks or frees other instances until `name` may start: under `max_running_instances`,
+    /// and within the memory budget. One step at a time, planned again after each, since
+    /// draining an instance takes a while and the world changes meanwhile.
     async fn make_room(&self, name: &str) -> Result<(), InstanceError> {
+        let mut steps = 0;
         loop {
-            let Some(max) = *self.inner.max_running.lock() else { return Ok(()) };
-            let victim = {
-                let map = self.inner.map.lock();
-                let active: Vec<_> = map
-                    .values()
-                    .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
-                    .collect();
-                if active.len() < max {
-                    return Ok(());
+            let step = self.next_room_step(name)?;
+            steps += 1;
+            match step {
+                None => return Ok(()),
+                // Each step parks or frees one instance; more steps than that means the same
+                // victim keeps coming back (its park failing), so give up rather than spin.
+                Some(_) if steps > 2 * self.inner.map.lock().len() + 2 => {
+                    return Err(InstanceError::NoCapacity(format!(
+                        "could not make room for '{name}': instances did not give way"
+                    )))
                 }
-                active
+                Some(memory::Step::Park(victim)) => {
+                    // A busy instance is drained, never cut off: its requests finish first.
+                    let _ = self.park(&victim).await;
+                }
+                Some(memory::Step::Release(victim)) => self.release(&victim),
+                Some(memory::Step::Fits) => return Ok(()),
+                Some(memory::Step::Refuse(details)) => {
+                    return Err(InstanceError::InsufficientMemory { name: name.to_string(), details })
+                }
+            }
+        }
+    }
+
+    fn next_room_step(&self, name: &str) -> Result<Option<memory::Step>, InstanceError> {
+        let map = self.inner.map.lock();
+        if let Some(max) = *self.inner.max_running.lock() {
+            let active: Vec<_> = map
+                .values()
+                .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
+                .collect();
+            if active.len() >= max {
+                let victim = active
                     .iter()
                     .filter(|e| e.spec.policy.evictable && e.status == Status::Running)
                     .filter_map(|e| {
@@ -99,12 +145,49 @@ impl Registry {
                             "max_running_instances is {max} and none of the running instances can be evicted: {}",
                             names.join(", ")
                         ))
-                    })?
-            };
-            self.log(&victim, Level::INFO, format!("evicted to make room for '{name}' (max_running_instances {max})"));
-            // A busy instance is drained, never cut off: its requests finish first.
-            let _ = self.stop(&victim, StopMode::default()).await;
+                    })?;
+                let message = format!("parked to make room for '{name}' (max_running_instances {max})");
+                if let Some(e) = map.get(&victim) {
+                    e.logs.push(Level::INFO, message);
+                }
+                return Ok(Some(memory::Step::Park(victim)));
+            }
         }
+        let Some(entry) = map.get(name) else { return Err(InstanceError::NotFound(name.to_string())) };
+        let Some(footprint) = entry.footprint() else { return Ok(None) };
+        let budget = *self.inner.memory_budget.lock();
+        let holders: Vec<_> = map.values().filter_map(super::Entry::holder).collect();
+        let step = memory::plan(budget, &holders, name, &entry.weights_key, footprint);
+        let mib = |b: u64| b >> 20;
+        match &step {
+            memory::Step::Fits => return Ok(None),
+            memory::Step::Park(victim) | memory::Step::Release(victim) => {
+                let verb = if matches!(step, memory::Step::Park(_)) { "parked" } else { "weights freed" };
+                let message = format!(
+                    "{verb} to make room for '{name}' ({} MiB) within memory_budget ({} MiB)",
+                    mib(memory::cost(&holders, name, &entry.weights_key, footprint)),
+                    mib(budget)
+                );
+                if let Some(e) = map.get(victim) {
+                    e.logs.push(Level::INFO, message);
+                }
+            }
+            memory::Step::Refuse(_) => {}
+        }
+        Ok(Some(step))
+    }
+
+    /// Frees a parked instance's weights (unless other instances use them too): it is stopped.
+    fn release(&self, name: &str) {
+        let weights = {
+            let mut map = self.inner.map.lock();
+            let Some(e) = map.get_mut(name).filter(|e| e.status == Status::Parked) else { return };
+            let _ = apply(&self.inner.events, e, Event::Stop);
+            e.logs.push(Level::INFO, "stopped: its weights were freed to make room");
+            e.parked.take()
+        };
+        // Freeing a model unmaps and frees hundreds of megabytes: not under the registry lock.
+        drop(weights);
     }
 
     /// `manual`: a user's start resets the automatic-restart count.
@@ -142,8 +225,9 @@ impl Registry {
             let (logs, cancel) = (e.logs.clone(), e.cancel_load.clone());
             let name = name.to_string();
             let stopped = e.cancel_load.clone();
+            let kv_dir = self.kv_dir(&name);
             (
-                move |path| options.engine_config(&name, path, logs, cancel),
+                move |path| EngineConfig { kv_dir, ..options.engine_config(&name, path, logs, cancel) },
                 e.generation,
                 fetch,
                 (e.logs.clone(), stopped),
@@ -152,6 +236,7 @@ impl Registry {
         let (logs, stopped) = logs;
         let registry = self.clone();
         let name = name.to_string();
+        let is_hub = matches!(fetch, Fetch::Hub(..));
         tokio::spawn(async move {
             let path = match fetch {
                 Fetch::Local(path) => Ok(path),
@@ -170,6 +255,9 @@ impl Registry {
                     }
                 }
             };
+            if let (Ok(path), true) = (&path, is_hub) {
+                registry.learn_model_file(&name, path.clone()).await;
+            }
             let outcome = match path {
                 Ok(path) => EngineThread::start(config(path)).await,
                 Err(e) => Err(e),
@@ -179,13 +267,25 @@ impl Registry {
         Ok(Status::Starting)
     }
 
+    /// A Hugging Face model's file is known once downloaded: its memory figures with it.
+    async fn learn_model_file(&self, name: &str, path: PathBuf) {
+        let read = path.clone();
+        let shape = tokio::task::spawn_blocking(move || super::read_shape(&read)).await.ok().flatten();
+        if let Some(e) = self.inner.map.lock().get_mut(name) {
+            e.set_model(path, shape);
+        }
+    }
+
     async fn finish_start(&self, name: &str, generation: u64, outcome: LoadOutcome) {
         let mut orphan = None;
         let mut watch = None;
         let mut failed = false;
+        let _unparked;
         {
             let mut map = self.inner.map.lock();
             let Some(e) = map.get_mut(name) else { return };
+            // The engine holds its own reference to the weights now (or failed to start).
+            _unparked = e.parked.take();
             match outcome {
                 Ok((thread, exited)) if e.generation == generation && e.status == Status::Starting => {
                     let template = chat_template(thread.engine().info(), &e.logs);
@@ -211,7 +311,7 @@ impl Registry {
             }
         }
         if let Some(thread) = orphan {
-            let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE)).await;
+            let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE, false)).await;
         }
         if failed {
             self.schedule_restart(name, generation);
@@ -291,11 +391,13 @@ impl Registry {
     /// (new ones are refused at once); what is left then is cancelled. A stop during loading
     /// cancels the load and answers `stopping`.
     pub async fn stop(&self, name: &str, mode: StopMode) -> Result<Status, InstanceError> {
+        let parked;
         let (running, mut status_rx) = {
             let mut map = self.inner.map.lock();
             let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
             let was = e.status;
             apply(&self.inner.events, e, Event::Stop)?;
+            parked = e.parked.take();
             // Results of what was under way (a load, a restart timer, an engine exit) are now stale;
             // a load still in progress finds the instance stopping and completes the stop.
             e.generation += 1;
@@ -306,6 +408,7 @@ impl Registry {
             (e.running.take(), e.status_tx.subscribe())
         };
         status_rx.borrow_and_update();
+        drop(parked);
         self.set_desired(name, false).await;
         let Some(running) = running else {
             // Stopping a load: it is cancelled at llama.cpp's next progress callback; answer once
@@ -318,7 +421,7 @@ impl Registry {
         }
         let thread = running.thread;
         drop(running.serving);
-        let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE)).await;
+        let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE, false)).await;
         let status = {
             let mut map = self.inner.map.lock();
             let Some(e) = map.get_mut(name) else { return Ok(Status::Stopped) };
@@ -327,6 +430,79 @@ impl Registry {
             e.status
         };
         Ok(status)
+    }
+
+    /// Parks a running instance: its requests finish (new ones wait for its next start), its
+    /// slots' cached prompts are saved, its context is freed, and its weights stay loaded until
+    /// the memory budget needs them (see [`memory`]). Its next start only creates a context.
+    pub async fn park(&self, name: &str) -> Result<Status, InstanceError> {
+        let (running, key) = {
+            let mut map = self.inner.map.lock();
+            let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
+            apply(&self.inner.events, e, Event::Park)?;
+            e.generation += 1;
+            e.logs.push(Level::INFO, "parking: finishing requests, then freeing the context");
+            (e.running.take(), e.weights_key.clone())
+        };
+        self.set_desired(name, false).await;
+        if let Some(running) = running {
+            let timeout = StopMode::default().timeout;
+            if !running.serving.engine.drain(timeout).await {
+                self.log(name, Level::WARN, format!("requests still running after {timeout:?}; cancelling them"));
+            }
+            // Taken before the engine lets go of them, so they stay loaded.
+            let weights = key.as_ref().and_then(weights::resident);
+            let thread = running.thread;
+            drop(running.serving);
+            let _ = tokio::task::spawn_blocking(move || thread.shutdown(JOIN_DEADLINE, true)).await;
+            let mut map = self.inner.map.lock();
+            if let Some(e) = map.get_mut(name) {
+                e.parked = weights.map(|w| (w, Instant::now()));
+            }
+        }
+        let status = {
+            let mut map = self.inner.map.lock();
+            let Some(e) = map.get_mut(name) else { return Ok(Status::Stopped) };
+            let _ = apply(&self.inner.events, e, Event::ContextFreed);
+            e.logs.push(Level::INFO, "parked: context freed, weights kept loaded");
+            e.status
+        };
+        self.prune_kv().await;
+        Ok(status)
+    }
+
+    pub(super) fn kv_dir(&self, name: &str) -> Option<PathBuf> {
+        self.inner.kv_store.lock().as_ref().map(|(root, _)| root.join(name))
+    }
+
+    /// Keeps the saved prompts within their disk budget: the most recently saved first.
+    async fn prune_kv(&self) {
+        let Some((root, budget)) = self.inner.kv_store.lock().clone() else { return };
+        let _ = tokio::task::spawn_blocking(move || {
+            let Ok(dirs) = std::fs::read_dir(&root) else { return };
+            let mut saved: Vec<(std::time::SystemTime, u64, PathBuf)> = dirs
+                .flatten()
+                .filter_map(|d| {
+                    let files = std::fs::read_dir(d.path()).ok()?;
+                    let (mut size, mut newest) = (0, std::time::UNIX_EPOCH);
+                    for f in files.flatten().filter_map(|f| f.metadata().ok()) {
+                        size += f.len();
+                        newest = newest.max(f.modified().unwrap_or(std::time::UNIX_EPOCH));
+                    }
+                    Some((newest, size, d.path()))
+                })
+                .collect();
+            saved.sort_by_key(|s| std::cmp::Reverse(s.0));
+            let mut total = 0;
+            for (_, size, dir) in saved {
+                total += size;
+                if total > budget {
+                    tracing::info!(dir = %dir.display(), "saved prompts dropped: kv_cache_disk_budget reached");
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+        })
+        .await;
     }
 
     /// Stop (gracefully) if running, then start.
@@ -399,8 +575,8 @@ impl Registry {
                 let Some(inner) = weak.upgrade() else { return };
                 let registry = Registry { inner };
                 for name in registry.idle_instances() {
-                    registry.log(&name, Level::INFO, "idle timeout reached; stopping");
-                    let _ = registry.stop(&name, StopMode::default()).await;
+                    registry.log(&name, Level::INFO, "idle timeout reached; parking");
+                    let _ = registry.park(&name).await;
                 }
             }
         });

@@ -14,6 +14,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 
 use super::gguf::{GgufFile, GgufValue};
+use super::memory::{footprint, Layout, Shape};
 
 /// A model as the registry lists it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -71,22 +72,7 @@ pub struct Source {
     pub filename: Option<String>,
 }
 
-/// What a memory estimate needs from the header.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Shape {
-    /// Bytes of tensor data over all present parts.
-    weights_bytes: u64,
-    n_layer: u64,
-    /// KV heads of each layer (a scalar in most GGUFs, per layer in some).
-    n_head_kv: Vec<u64>,
-    key_length: u64,
-    value_length: u64,
-    n_vocab: u64,
-}
-
-/// Memory a model needs at a context size: weights, KV cache (f16, every layer at full
-/// context, as llama.cpp allocates by default), and the largest compute buffer (the logits of
-/// one 512-token micro-batch), in bytes.
+/// Memory a model needs at a context size, one slot (see [`super::memory`]), in bytes.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MemoryEstimate {
     pub context: u64,
@@ -97,23 +83,20 @@ pub struct MemoryEstimate {
     pub total_mb: u64,
 }
 
-/// llama.cpp's default micro-batch (`n_ubatch`): the compute buffer holds its logits.
+/// llama.cpp's default micro-batch (`n_ubatch`).
 const UBATCH: u64 = 512;
 
 impl Model {
     pub fn estimate(&self, context: u64) -> Option<MemoryEstimate> {
-        let s = self.shape.as_ref()?;
-        let per_token: u64 = s.n_head_kv.iter().map(|h| h * (s.key_length + s.value_length) * 2).sum();
-        let kv_bytes = context.saturating_mul(per_token);
-        let compute_bytes = UBATCH * s.n_vocab * 4;
-        let total_bytes = s.weights_bytes + kv_bytes + compute_bytes;
+        let shape = self.shape.as_ref()?;
+        let f = footprint(shape, Layout { n_ctx: context, n_parallel: 1, n_ubatch: UBATCH });
         Some(MemoryEstimate {
             context,
-            weights_bytes: s.weights_bytes,
-            kv_bytes,
-            compute_bytes,
-            total_bytes,
-            total_mb: total_bytes.div_ceil(1 << 20),
+            weights_bytes: f.weights,
+            kv_bytes: f.kv,
+            compute_bytes: f.compute,
+            total_bytes: f.total(),
+            total_mb: f.total().div_ceil(1 << 20),
         })
     }
 
@@ -187,6 +170,25 @@ pub fn quantization_from_name(stem: &str) -> Option<&'static str> {
         .max_by_key(|q| q.len())
 }
 
+/// The memory arithmetic's inputs for the model whose (first) file is `path`; a split model's
+/// tensors are counted over all its parts. Reads headers only; blocking.
+pub fn shape_of(path: &Path) -> Result<Shape, String> {
+    let read = |p: &Path| GgufFile::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let file = read(path)?;
+    let header = Header::of(&file);
+    let mut tensor_bytes = header.tensor_bytes;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if let (Some((base, 0, total)), Some(dir)) = (split_part(&stem), path.parent()) {
+        for index in 1..total {
+            let part = dir.join(format!("{base}-{:05}-of-{total:05}.gguf", index + 1));
+            tensor_bytes += Header::of(&read(&part)?).tensor_bytes;
+        }
+    }
+    header.shape(tensor_bytes).ok_or_else(|| {
+        format!("{} lacks the layer, head or vocabulary sizes needed to estimate its memory", path.display())
+    })
+}
+
 /// `name-00001-of-00003` → (`name`, 0, 3).
 pub fn split_part(stem: &str) -> Option<(&str, u32, u32)> {
     let (rest, total) = stem.rsplit_once("-of-")?;
@@ -221,9 +223,28 @@ struct Header {
     key_length: Option<u64>,
     value_length: Option<u64>,
     n_vocab: Option<u64>,
+    n_embd: Option<u64>,
+    n_ff: Option<u64>,
+    n_head: Option<u64>,
 }
 
 impl Header {
+    /// The memory arithmetic's inputs, with the tensor bytes of every part.
+    fn shape(&self, tensor_bytes: u64) -> Option<Shape> {
+        Some(Shape {
+            tensor_bytes,
+            n_head_kv: self.n_head_kv.clone(),
+            key_length: self.key_length?,
+            value_length: self.value_length?,
+            n_vocab: self.n_vocab?,
+            n_embd: self.n_embd?,
+            n_ff: self.n_ff.unwrap_or(0),
+            n_head: self.n_head.unwrap_or(0),
+            context_length: self.context_length,
+        })
+        .filter(|_| self.n_layer.is_some_and(|n| n > 0))
+    }
+
     fn of(file: &GgufFile) -> Header {
         let arch = file.architecture().map(str::to_owned);
         let key = |suffix: &str| arch.as_ref().and_then(|a| file.get(&format!("{a}.{suffix}")));
@@ -253,6 +274,14 @@ impl Header {
             key_length: num("attention.key_length").or(head_dim),
             value_length: num("attention.value_length").or(head_dim),
             n_vocab,
+            n_embd,
+            // Per layer in some GGUFs: the largest layer is what a micro-batch needs.
+            n_ff: match key("feed_forward_length") {
+                Some(GgufValue::Array(per_layer)) => per_layer.iter().filter_map(GgufValue::as_u64).max(),
+                Some(v) => v.as_u64(),
+                None => None,
+            },
+            n_head,
             architecture: arch,
         }
     }
@@ -407,16 +436,7 @@ fn describe(
     let all_present = shards.iter().all(|s| s.present);
     let complete = all_present && error.is_none();
     let architecture = main.and_then(|h| h.architecture.clone());
-    let shape = main.and_then(|h| {
-        Some(Shape {
-            weights_bytes: ok.iter().map(|h| h.tensor_bytes).sum(),
-            n_layer: h.n_layer?,
-            n_head_kv: h.n_head_kv.clone(),
-            key_length: h.key_length?,
-            value_length: h.value_length?,
-            n_vocab: h.n_vocab?,
-        })
-    });
+    let shape = main.and_then(|h| h.shape(ok.iter().map(|h| h.tensor_bytes).sum()));
     let source = read_source(&first).unwrap_or_else(|| Source { kind: "local".into(), ..Source::default() });
     Model {
         name: main.and_then(|h| h.name.clone()).unwrap_or_else(|| id.clone()),
@@ -432,7 +452,7 @@ fn describe(
         shards,
         complete,
         error,
-        shape: shape.filter(|s| s.n_layer > 0),
+        shape,
         path: first,
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod hub;
+pub mod process;
 
 /// Runs `tests/fixtures/gguf_variants.py KIND <test model> DST` (llama.cpp's gguf-py derives
 /// a test GGUF from the test model) and returns its JSON summary.

@@ -65,7 +65,8 @@ async fn the_registry_reads_headers_estimates_memory_and_flags_bad_files() {
     assert_eq!(estimate["kv_bytes"], 36 << 20, "{estimate}");
     let weights = estimate["weights_bytes"].as_u64().unwrap();
     let size = gemma["size_bytes"].as_u64().unwrap();
-    assert!(weights <= size && weights > size * 9 / 10, "tensor data is most of the file: {weights} of {size}");
+    // The tensor data (most of the file) plus the vocabulary's tables and repacked copies.
+    assert!(weights > size && weights < size * 3 / 2, "weights {weights} for a file of {size}");
     assert_eq!(
         estimate["total_bytes"].as_u64().unwrap(),
         weights + estimate["kv_bytes"].as_u64().unwrap() + estimate["compute_bytes"].as_u64().unwrap()

@@ -181,17 +181,26 @@ async fn on_demand_start_and_idle_stop() {
     let (text, body) = greedy(s, name, "The capital of France is", 2).await;
     assert_eq!(body["usage"]["completion_tokens"], 2, "{text:?}");
     assert_eq!(s.get(&format!("/api/instances/{name}")).await.1["status"], "running");
-    // 0.03 min = 1.8 s without inference traffic; polling health and GET meanwhile must not keep it up.
-    let stopped = wait_for(s, name, "idle stop", |b| b["status"] == "stopped").await;
-    assert_eq!(stopped["status"], "stopped");
+    // 0.03 min = 1.8 s without inference traffic; polling health and GET meanwhile must not keep
+    // it up. It is parked: context freed, weights kept for its next request.
+    let parked = wait_for(s, name, "idle stop", |b| b["status"] == "parked").await;
+    assert!(parked.get("model").is_none(), "{parked}");
     let (_, health) = s.get(&format!("/api/instances/{name}/health")).await;
-    assert_eq!(health["status"], "stopped");
+    assert_eq!(health["status"], "parked");
     let (_, logs) = s.get(&format!("/api/instances/{name}/logs")).await;
-    assert!(logs["logs"].as_array().unwrap().iter().any(|l| l["message"] == "idle timeout reached; stopping"));
+    assert!(logs["logs"].as_array().unwrap().iter().any(|l| l["message"] == "idle timeout reached; parking"));
+    // The next request brings it back on the kept weights.
+    let (_, body) = greedy(s, name, "The capital of France is", 1).await;
+    assert_eq!(body["usage"]["completion_tokens"], 1);
+    let back = s.get(&format!("/api/instances/{name}")).await.1;
+    assert_eq!(back["model"]["weights_reused"], true, "{back}");
+    // A user's stop frees the weights; a parked or stopped instance can be deleted.
+    let (status, body) = s.post(&format!("/api/instances/{name}/stop"), json!({})).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("stopped")), "{body}");
     assert_eq!(s.delete(&format!("/api/instances/{name}")).await.0, 200);
 }
 
-/// With max_running_instances 1, starting another instance evicts the least recently used one;
+/// With max_running_instances 1, starting another instance parks the least recently used one;
 /// a non-evictable one blocks the start with the reason.
 #[tokio::test]
 async fn eviction_under_max_running_instances() {
@@ -206,16 +215,16 @@ async fn eviction_under_max_running_instances() {
     .await;
     s.post("/api/instances/e1/start", json!({})).await;
     s.wait_status("e1", "running").await;
-    // On-demand start of e2 evicts e1.
+    // On-demand start of e2 parks e1.
     let (text, body) = greedy(&s, "e2", "Hello", 1).await;
     assert_eq!(body["usage"]["completion_tokens"], 1, "{text:?}");
-    assert_eq!(s.get("/api/instances/e1").await.1["status"], "stopped");
+    assert_eq!(s.get("/api/instances/e1").await.1["status"], "parked");
     let (_, logs) = s.get("/api/instances/e1/logs").await;
     assert!(logs["logs"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|l| l["message"].as_str().unwrap().starts_with("evicted to make room for 'e2'")));
+        .any(|l| l["message"].as_str().unwrap().starts_with("parked to make room for 'e2'")));
 
     s.post("/api/instances/e2/stop", json!({})).await;
     s.post("/api/instances/pinned/start", json!({})).await;

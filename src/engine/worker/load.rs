@@ -1,20 +1,15 @@
 //! Loading: the model, the generation context, and (on first use) the embedding context.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-use super::super::{backend, EngineConfig, EngineError, ModelInfo};
+use super::super::weights::Weights;
+use super::super::{backend, EngineConfig, EngineError, ModelInfo, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
 use super::KV_UNIFIED;
 
-/// Default context per slot when the instance gives no context size.
-const DEFAULT_CTX_PER_SLOT: u32 = 4096;
 /// Below this a slot cannot hold a useful conversation; refuse the configuration.
 const MIN_CTX_PER_SLOT: u32 = 16;
 /// llama.cpp's limit on sequences in one context.
@@ -26,45 +21,14 @@ const EMBD_MAX_INPUT: u32 = 512;
 /// Inputs decoded together in one embedding batch (one sequence each).
 pub(super) const EMBD_SEQUENCES: u32 = 8;
 
-pub(super) fn load(config: &EngineConfig) -> Result<(LlamaModel, u64), EngineError> {
-    let backend = backend()?;
+pub(super) fn new_context<'m>(config: &EngineConfig, weights: &'m Weights) -> Result<LlamaContext<'m>, EngineError> {
+    let model = &weights.model;
     if config.n_parallel == 0 || config.n_parallel > MAX_SEQUENCES {
         return Err(EngineError::Config(format!(
             "parallel must be between 1 and {MAX_SEQUENCES}, got {}",
             config.n_parallel
         )));
     }
-    let path = config.model_path.display().to_string();
-    // llama.cpp's loader can crash on some corrupt files: paddock reads the header first.
-    if let Err(e) = crate::models::gguf::validate(&config.model_path) {
-        return Err(EngineError::Load { path, reason: e.to_string() });
-    }
-    let cancel = config.cancel_load.clone();
-    let params = LlamaModelParams::default()
-        .with_n_gpu_layers(config.n_gpu_layers)
-        .with_progress_callback(move |_| !cancel.load(Ordering::Relaxed));
-    let started = Instant::now();
-    let model = LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
-        if config.cancel_load.load(Ordering::Relaxed) {
-            EngineError::LoadCancelled
-        } else {
-            EngineError::Load { path, reason: format!("{e} (see the instance's logs for llama.cpp's reason)") }
-        }
-    })?;
-    // Non-causal (embedding) and encoder-decoder models take other code paths in llama.cpp, some
-    // of which abort on a generation batch (n_ubatch asserts, missing logits). Refuse them here.
-    let arch = model.meta_val_str("general.architecture").unwrap_or_default();
-    let causal = model.meta_val_str(&format!("{arch}.attention.causal")).map_or(true, |v| v != "false");
-    if !causal || arch.starts_with("t5") {
-        return Err(EngineError::Config(format!(
-            "{} is a {arch} model without causal attention (an embedding or encoder model); instances serve causal language models",
-            config.model_path.display()
-        )));
-    }
-    Ok((model, started.elapsed().as_millis() as u64))
-}
-
-pub(super) fn new_context<'m>(config: &EngineConfig, model: &'m LlamaModel) -> Result<LlamaContext<'m>, EngineError> {
     let n_train = model.n_ctx_train().max(MIN_CTX_PER_SLOT);
     let n_ctx = config.n_ctx.unwrap_or_else(|| (DEFAULT_CTX_PER_SLOT * config.n_parallel).min(n_train));
     if n_ctx / config.n_parallel < MIN_CTX_PER_SLOT {
@@ -84,7 +48,7 @@ pub(super) fn new_context<'m>(config: &EngineConfig, model: &'m LlamaModel) -> R
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(config.n_batch)
-        .with_n_ubatch(config.n_batch.min(512))
+        .with_n_ubatch(config.n_batch.min(MAX_UBATCH))
         .with_n_seq_max(config.n_parallel)
         .with_n_threads(config.n_threads)
         .with_n_threads_batch(config.n_threads_batch)
@@ -95,10 +59,12 @@ pub(super) fn new_context<'m>(config: &EngineConfig, model: &'m LlamaModel) -> R
         // token attends to missing from those layers, and prefix reuse would have to detect it.
         .with_swa_full(true);
     let backend = backend()?;
+    let _serialized = weights.context_lock.lock();
     model.new_context(backend, params).map_err(|e| EngineError::Config(format!("cannot create context: {e}")))
 }
 
-pub(super) fn model_info(config: &EngineConfig, model: &LlamaModel, ctx: &LlamaContext<'_>, load_ms: u64) -> ModelInfo {
+pub(super) fn model_info(config: &EngineConfig, weights: &Weights, ctx: &LlamaContext<'_>, reused: bool) -> ModelInfo {
+    let model = &weights.model;
     let vocab = model.vocab();
     let piece = |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
     let n_ctx = ctx.n_ctx();
@@ -126,7 +92,8 @@ pub(super) fn model_info(config: &EngineConfig, model: &LlamaModel, ctx: &LlamaC
         embeddings: config.embeddings,
         n_embd_input: EMBD_MAX_INPUT.min(n_ctx / config.n_parallel),
         model_path: config.model_path.display().to_string(),
-        load_ms,
+        load_ms: if reused { 0 } else { weights.load_ms },
+        weights_reused: reused,
     }
 }
 
@@ -135,9 +102,10 @@ pub(super) fn model_info(config: &EngineConfig, model: &LlamaModel, ctx: &LlamaC
 /// models), else mean pooling (a causal LM used for embeddings, as llama-server does).
 pub(super) fn new_embedding_context<'m>(
     config: &EngineConfig,
-    model: &'m LlamaModel,
+    weights: &'m Weights,
     n_input: u32,
 ) -> Result<LlamaContext<'m>, EngineError> {
+    let model = &weights.model;
     let arch = model.meta_val_str("general.architecture").unwrap_or_default();
     let own = model.meta_val_str(&format!("{arch}.pooling_type")).ok().and_then(|v| v.parse::<i32>().ok());
     let pooling = match own {
@@ -155,6 +123,7 @@ pub(super) fn new_embedding_context<'m>(
         .with_kv_unified(true)
         .with_embeddings(true)
         .with_pooling_type(pooling);
+    let _serialized = weights.context_lock.lock();
     model
         .new_context(backend()?, params)
         .map_err(|e| EngineError::Config(format!("cannot create the embedding context: {e}")))

@@ -9,35 +9,11 @@
 
 use std::sync::Arc;
 
-use llama_cpp_2::model::LlamaLoraAdapter;
-use llama_cpp_2::model::LlamaModel;
-
 use super::Worker;
-use crate::engine::{EngineConfig, EngineError, LoraSpec};
+use crate::engine::{EngineError, LoraSpec};
 
 /// Scales by adapter id; all zero = the base model.
 pub(super) type Scales = Arc<[f32]>;
-
-/// Loads every adapter of `config` into `model` (before any context exists, as llama.cpp
-/// requires). A file that is missing, not a GGUF, or made for another model fails the start.
-pub(super) fn load_adapters(
-    config: &EngineConfig,
-    model: &mut LlamaModel,
-) -> Result<Vec<LlamaLoraAdapter>, EngineError> {
-    config
-        .lora
-        .iter()
-        .map(|spec| {
-            let path = spec.path.display().to_string();
-            crate::models::gguf::validate(&spec.path)
-                .map_err(|e| EngineError::LoraLoad { path: path.clone(), reason: e.to_string() })?;
-            model.lora_adapter_init(&spec.path).map_err(|e| EngineError::LoraLoad {
-                path,
-                reason: format!("it does not fit this model ({e}); see the instance's logs"),
-            })
-        })
-        .collect()
-}
 
 /// Scales that llama-cpp-2 can apply: finite, within a sane range, at most one non-zero.
 fn check(scales: &[f32]) -> Result<(), EngineError> {
@@ -63,7 +39,7 @@ impl Worker<'_> {
             let slot = scales.get_mut(id as usize).ok_or_else(|| {
                 EngineError::InvalidLora(format!(
                     "no LoRA adapter with id {id}; the instance has {}",
-                    self.adapters.len()
+                    self.config.lora.len()
                 ))
             })?;
             *slot = scale;
@@ -103,10 +79,12 @@ impl Worker<'_> {
         let Some(chosen) = chosen else { return Ok(()) };
         self.demands.retain(|&(slot, _)| scales_of(slot).as_ref() == Some(&chosen));
         if chosen != self.lora_applied {
+            let mut adapters = self.weights.adapters.lock();
             let result = match chosen.iter().position(|&s| s != 0.0) {
-                Some(k) => self.ctx.lora_adapter_set(&mut self.adapters[k], chosen[k]).map_err(|e| e.to_string()),
-                None => self.ctx.lora_adapter_remove(&mut self.adapters[0]).map_err(|e| e.to_string()),
+                Some(k) => self.ctx.lora_adapter_set(&mut adapters[k], chosen[k]).map_err(|e| e.to_string()),
+                None => self.ctx.lora_adapter_remove(&mut adapters[0]).map_err(|e| e.to_string()),
             };
+            drop(adapters);
             result.map_err(|e| EngineError::Decode(format!("could not set LoRA adapters: {e}")))?;
             self.lora_applied = chosen.clone();
         }

@@ -11,6 +11,7 @@
 //! within `n_batch`, sequence ids within `n_seq_max`, positions within the slot's context,
 //! token ids within the vocabulary, sampling only at indices that requested logits.
 
+mod kv;
 mod load;
 mod lora;
 mod service;
@@ -30,12 +31,12 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use super::sampling;
 use super::scheduler::{self, Chunk, SlotCache, SlotDemand};
 use super::text::{StopMatcher, StopOutcome, Utf8Assembler};
+use super::weights::{self, Weights};
 use super::{
     EngineCommand, EngineConfig, EngineError, EngineStats, EventSender, FinishReason, GenerateRequest, ModelInfo,
     Prompt, StreamEvent, TokenProbs, Usage,
 };
-use llama_cpp_2::model::LlamaLoraAdapter;
-use load::{load, model_info, new_context};
+use load::{model_info, new_context};
 use lora::Scales;
 use service::EmbedJob;
 /// One KV pool shared by the slots, as llama-server's default (`-np` auto) uses. Measured here
@@ -97,24 +98,15 @@ pub(super) fn run(
     ready: oneshot::Sender<Result<ModelInfo, EngineError>>,
     stats: Arc<EngineStats>,
 ) -> Result<(), String> {
-    let loaded = match load(&config) {
-        Ok(m) => m,
+    let (weights, reused) = match weights::acquire(&config) {
+        Ok(w) => w,
         Err(e) => {
             let reason = e.to_string();
             let _ = ready.send(Err(e));
             return Err(reason);
         }
     };
-    let (mut model, load_ms) = loaded;
-    let adapters = match lora::load_adapters(&config, &mut model) {
-        Ok(a) => a,
-        Err(e) => {
-            let reason = e.to_string();
-            let _ = ready.send(Err(e));
-            return Err(reason);
-        }
-    };
-    let ctx = match new_context(&config, &model) {
+    let ctx = match new_context(&config, &weights) {
         Ok(c) => c,
         Err(e) => {
             let reason = e.to_string();
@@ -122,16 +114,18 @@ pub(super) fn run(
             return Err(reason);
         }
     };
-    let info = model_info(&config, &model, &ctx, load_ms);
+    let info = model_info(&config, &weights, &ctx, reused);
     tracing::info!(
         n_ctx = info.n_ctx,
         n_ctx_slot = info.n_ctx_slot,
         n_parallel = info.n_parallel,
-        load_ms,
-        "model loaded"
+        load_ms = info.load_ms,
+        "{}",
+        if reused { "context created on weights already loaded" } else { "model loaded" }
     );
     stats.thread_id.store(current_thread_id(), Ordering::Relaxed);
-    let mut worker = Worker::new(&config, &model, ctx, adapters, info.clone(), stats);
+    let mut worker = Worker::new(&config, &weights, ctx, info.clone(), stats);
+    worker.restore_kv();
     if ready.send(Ok(info)).is_err() {
         return Ok(()); // nobody waits for us: the start was abandoned
     }
@@ -149,11 +143,11 @@ fn current_thread_id() -> u64 {
 
 struct Worker<'m> {
     config: EngineConfig,
+    weights: &'m Weights,
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
     /// Created on the first embedding request (see [`load::new_embedding_context`]).
     embd_ctx: Option<LlamaContext<'m>>,
-    adapters: Vec<LlamaLoraAdapter>,
     /// Scales requests get unless they say otherwise.
     lora_global: Scales,
     /// Scales set on the context now, and those of the group served last step.
@@ -176,24 +170,25 @@ struct Worker<'m> {
     text: String,
     clock: u64,
     shutting_down: bool,
+    save_kv_on_exit: bool,
 }
 
 impl<'m> Worker<'m> {
     fn new(
         config: &EngineConfig,
-        model: &'m LlamaModel,
+        weights: &'m Weights,
         ctx: LlamaContext<'m>,
-        adapters: Vec<LlamaLoraAdapter>,
         info: ModelInfo,
         stats: Arc<EngineStats>,
     ) -> Self {
-        let base: Scales = vec![0.0; adapters.len()].into();
+        let base: Scales = vec![0.0; config.lora.len()].into();
         let slots = (0..info.n_parallel)
             .map(|i| Slot { seq: i as i32, cached: Vec::new(), cached_lora: base.clone(), last_used: 0, active: None })
             .collect();
         Worker {
             config: config.clone(),
-            model,
+            weights,
+            model: &weights.model,
             batch: LlamaBatch::new(info.n_batch as usize, 1),
             ctx,
             embd_ctx: None,
@@ -201,7 +196,6 @@ impl<'m> Worker<'m> {
             lora_global: config.lora.iter().map(|l| l.scale).collect(),
             lora_applied: base,
             lora_last: None,
-            adapters,
             info,
             stats,
             slots,
@@ -215,6 +209,7 @@ impl<'m> Worker<'m> {
             text: String::with_capacity(64),
             clock: 0,
             shutting_down: false,
+            save_kv_on_exit: false,
         }
     }
 
@@ -242,6 +237,9 @@ impl<'m> Worker<'m> {
             self.step();
         }
         self.fail_all(EngineError::Stopped);
+        if self.save_kv_on_exit {
+            self.save_kv();
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -273,7 +271,10 @@ impl<'m> Worker<'m> {
             EngineCommand::Ping(reply) => {
                 let _ = reply.send(());
             }
-            EngineCommand::Shutdown => self.shutting_down = true,
+            EngineCommand::Shutdown { save_kv } => {
+                self.shutting_down = true;
+                self.save_kv_on_exit = save_kv;
+            }
             other => self.serve_query(other),
         }
     }
@@ -461,7 +462,7 @@ impl<'m> Worker<'m> {
         }
         // Oldest first, so an older prompt finishes prefilling before a newer one starts.
         self.demands.sort_by_key(|&(i, _)| self.slots[i].active.as_ref().map_or(0, |a| a.admitted_order));
-        if !self.adapters.is_empty() {
+        if !self.config.lora.is_empty() {
             if let Err(e) = self.select_lora_group() {
                 self.plan.clear();
                 self.plan.extend(self.demands.iter().map(|&(slot, _)| Chunk { slot, n_tokens: 0, logits: false }));

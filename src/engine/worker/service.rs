@@ -51,7 +51,7 @@ impl Worker<'_> {
             EngineCommand::Embed { inputs, reply, permit } => {
                 self.embed_jobs.push_back(EmbedJob { inputs, reply, _permit: permit });
             }
-            EngineCommand::Generate { .. } | EngineCommand::Ping(_) | EngineCommand::Shutdown => {
+            EngineCommand::Generate { .. } | EngineCommand::Ping(_) | EngineCommand::Shutdown { .. } => {
                 unreachable!("handled by Worker::handle")
             }
         }
@@ -154,7 +154,7 @@ impl Worker<'_> {
             all.push(tokens);
         }
         if self.embd_ctx.is_none() {
-            self.embd_ctx = Some(new_embedding_context(&self.config, self.model, max)?);
+            self.embd_ctx = Some(new_embedding_context(&self.config, self.weights, max)?);
         }
         let ctx = self.embd_ctx.as_mut().expect("created above");
         let mut batch = LlamaBatch::new(max as usize, 1);

@@ -1,0 +1,200 @@
+//! The memory budget, against the real binary's resident memory: the estimates match what
+//! llama.cpp really holds, instances of one GGUF share its weights, parked instances come back
+//! without reloading and with their cached prompts, and a start that cannot fit is refused
+//! with the arithmetic.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+mod common;
+
+use common::process::Paddock;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// A config with the rate limits off (tests poll faster than people) and `extra` lines.
+async fn start(data: &Path, extra: &str) -> Paddock {
+    let yaml = format!("rate_limits: {{management: null, heavy: null}}\n{extra}");
+    std::fs::write(data.join("paddock.yaml"), yaml).unwrap();
+    Paddock::start(data, &[]).await
+}
+
+async fn create(p: &Paddock, name: &str, model: &Path, options: Value) -> Value {
+    let body = json!({ "model_path": model, "options": options, "on_demand_start": true });
+    let (status, body) = p.post(&format!("/api/instances/{name}"), body).await;
+    assert_eq!(status, 201, "{body}");
+    body["instance"].clone()
+}
+
+/// A completion of a couple of tokens; returns its usage.
+async fn complete(p: &Paddock, model: &str, prompt: &str) -> Value {
+    let body = json!({ "model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0 });
+    let (status, body) = p.post("/v1/completions", body).await;
+    assert_eq!(status, 200, "{body}");
+    body["usage"].clone()
+}
+
+/// A prompt of about `words` tokens.
+fn prompt(words: usize, seed: &str) -> String {
+    let vocabulary =
+        ["river", "stone", "lantern", "orchard", "copper", "meadow", "harbor", "violet", "engine", "cloud"];
+    let mut text = format!("{seed}:");
+    for i in 0..words {
+        text.push(' ');
+        text.push_str(vocabulary[(i * 7 + seed.len()) % vocabulary.len()]);
+    }
+    text
+}
+
+fn total(instance: &Value) -> u64 {
+    instance["memory"]["total"].as_u64().unwrap_or_else(|| panic!("no memory estimate: {instance}"))
+}
+
+/// A copy of the test model under another name: a different file, so nothing can share it.
+fn model_copy(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::copy(common::model_path(), &path).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn estimates_match_resident_memory_and_instances_of_one_gguf_share_its_weights() {
+    let model = common::model_path();
+    for (ctx, parallel) in [(2048, 1), (16384, 4)] {
+        let data = tempfile::tempdir().unwrap();
+        let p = start(data.path(), "").await;
+        let before = p.rss();
+        create(&p, "a", &model, json!({ "ctx_size": ctx, "parallel": parallel })).await;
+        complete(&p, "a", &prompt(500, "measure")).await;
+        let a = p.wait_status("a", "running").await;
+        let (measured, estimate) = ((p.rss() - before) as f64, total(&a) as f64);
+        println!("ctx {ctx} × {parallel}: resident {:.0} MiB, estimate {:.0} MiB", measured / MIB, estimate / MIB);
+        assert!(
+            (measured - estimate).abs() <= 0.1 * measured,
+            "at ctx {ctx}, parallel {parallel}: estimate {:.0} MiB vs resident {:.0} MiB: {}",
+            estimate / MIB,
+            measured / MIB,
+            a["memory"]
+        );
+        assert_eq!(a["memory"]["weights_shared_with"], json!([]));
+        if ctx != 2048 {
+            continue;
+        }
+
+        // Three more instances of the same GGUF, with other contexts and slots.
+        let one = p.rss() - before;
+        for (name, options) in [
+            ("b", json!({ "ctx_size": 2048, "parallel": 2 })),
+            ("c", json!({ "ctx_size": 1024, "parallel": 1 })),
+            ("d", json!({ "ctx_size": 4096, "parallel": 4 })),
+        ] {
+            create(&p, name, &model, options).await;
+            complete(&p, name, &prompt(200, name)).await;
+            let view = p.wait_status(name, "running").await;
+            assert_eq!(view["model"]["weights_reused"], true, "{name} loaded the weights again");
+            assert_eq!(view["model"]["load_ms"], 0);
+        }
+        let four = p.rss() - before;
+        println!("4 instances of one GGUF: {:.0} MiB; one: {:.0} MiB", four as f64 / MIB, one as f64 / MIB);
+        // The weights once, then a context each: far below four separate copies (4×).
+        assert!(four < one * 18 / 10, "4 instances take {} MiB, one takes {} MiB", four >> 20, one >> 20);
+        let (_, d) = p.get("/api/instances/d").await;
+        assert_eq!(d["memory"]["weights_shared_with"], json!(["a", "b", "c"]));
+        let (_, status) = p.get("/api/system/status").await;
+        let budget = &status["memory_budget"];
+        // Counted once in the budget too.
+        assert_eq!(budget["weights"], d["memory"]["weights"], "{budget}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_instances_return_fast_with_their_prompts_and_a_start_that_cannot_fit_says_why() {
+    let models = tempfile::tempdir().unwrap();
+    let (first, second) = (common::model_path(), model_copy(models.path(), "other.gguf"));
+    let data = tempfile::tempdir().unwrap();
+    let p = start(data.path(), "max_running_instances: 1\n").await;
+    let options = json!({ "ctx_size": 2048, "parallel": 2 });
+    create(&p, "a", &first, options.clone()).await;
+    create(&p, "b", &second, options).await;
+
+    // A cold start, then a long prompt.
+    let cold = Instant::now();
+    let (status, _) = p.post("/api/instances/a/start", json!({})).await;
+    assert_eq!(status, 200);
+    let a = p.wait_status("a", "running").await;
+    let cold = cold.elapsed();
+    assert!(a["model"]["load_ms"].as_u64().unwrap() > 0);
+    let long = prompt(400, "conversation");
+    let usage = complete(&p, "a", &long).await;
+    let n_long = usage["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
+
+    // b starts on demand: a gives way, parked, with its prompt saved.
+    complete(&p, "b", &prompt(50, "other")).await;
+    let parked = p.wait_status("a", "parked").await;
+    assert!(parked.get("model").is_none(), "a parked instance has no context: {parked}");
+    let (_, logs) = p.get("/api/instances/a/logs?lines=50").await;
+    assert!(logs.to_string().contains("parked to make room for 'b' (max_running_instances 1)"), "{logs}");
+
+    // a comes back on its kept weights, and its prompt was restored: only the new part is
+    // decoded.
+    let warm = Instant::now();
+    let (status, _) = p.post("/api/instances/a/start", json!({})).await;
+    assert_eq!(status, 200);
+    let a = p.wait_status("a", "running").await;
+    let warm = warm.elapsed();
+    println!("start: cold {cold:?}, parked {warm:?}");
+    assert_eq!(a["model"]["weights_reused"], true);
+    assert_eq!(a["model"]["load_ms"], 0);
+    assert!(warm < cold, "a parked start ({warm:?}) was not faster than a cold one ({cold:?})");
+    let follow_up = format!("{long} and then some more words");
+    let usage = complete(&p, "a", &follow_up).await;
+    let cached = usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached + 1 >= n_long, "only {cached} of the {n_long} prompt tokens were reused after the park: {usage}");
+    assert!(usage["prompt_tokens"].as_u64().unwrap() - cached <= 10, "{usage}");
+    assert!(!data.path().join("kv/a/state.json").exists(), "restored state is removed");
+    assert!(data.path().join("kv/b/state.json").exists(), "b was parked with its prompt saved");
+
+    // A budget below what a (running) and b (parked) hold already: b's context does not fit,
+    // and a may not be evicted. The refusal gives the arithmetic.
+    let (status, body) = p.put("/api/instances/a", json!({ "evictable": false })).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        p.put("/api/config", json!({ "memory_budget": "600MiB", "max_running_instances": null })).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, dry) =
+        p.post("/api/instances/c?dry_run=true", json!({ "model_path": second, "options": { "ctx_size": 2048 } })).await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["fits_now"], false, "{dry}");
+    assert_eq!(dry["memory"]["weights_shared_with"], json!(["b"]), "b's parked weights would serve it: {dry}");
+    assert_eq!(p.get("/api/instances/c").await.0, 404, "a dry run creates nothing");
+    let (status, err) = p.post("/api/instances/b/start", json!({})).await;
+    assert_eq!(status, 409, "{err}");
+    assert_eq!(err["code"], "INSUFFICIENT_MEMORY", "{err}");
+    let details = err["details"].as_str().unwrap();
+    assert!(details.contains("memory_budget is 600.0 MiB"), "{details}");
+    assert!(details.contains("'a'") && details.contains("evictable: false"), "{details}");
+    assert!(details.contains("weights already loaded"), "b's own parked weights are not counted again: {details}");
+    assert!(details.contains("more would be needed"), "{details}");
+    assert_eq!(p.get("/api/instances/b").await.1["status"], "parked");
+    assert_eq!(p.get("/api/instances/a").await.1["status"], "running");
+    let usage = complete(&p, "a", &follow_up).await;
+    assert!(usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+
+    // A budget for both sets of weights and one context: b starts, and a (evictable again) is
+    // parked by the budget, not the count.
+    p.put("/api/instances/a", json!({ "evictable": true })).await;
+    p.put("/api/config", json!({ "memory_budget": "800MiB", "max_running_instances": null })).await;
+    let (status, body) = p.post("/api/instances/b/start", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    p.wait_status("b", "running").await;
+    p.wait_status("a", "parked").await;
+    let (_, logs) = p.get("/api/instances/a/logs?lines=50").await;
+    assert!(logs.to_string().contains("within memory_budget (800 MiB)"), "{logs}");
+    // Both sets of weights stay loaded: a's next start is again only a context.
+    let (_, status) = p.get("/api/system/status").await;
+    assert_eq!(status["instances"]["parked"], 1, "{status}");
+    assert!(status["memory_budget"]["used"].as_u64().unwrap() <= 800 << 20, "{status}");
+}
