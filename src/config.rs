@@ -26,6 +26,12 @@ pub struct Config {
     /// frees others first. Default: the RAM less 10% (at least 1 GiB) for the system.
     #[schema(value_type = Option<String>, example = "75%")]
     pub memory_budget: Option<MemoryBudget>,
+    /// Seconds a `/v1` request for an instance that needs another to give way waits for the
+    /// instances that are serving to finish, before its start parks one anyway (drained, never
+    /// cut). Requests for models that do not fit together are so served in runs, not a swap each.
+    pub swap_max_wait: f64,
+    /// Seconds an instance stays up before a waiting request may park it.
+    pub swap_min_resident: f64,
     /// Disk space for the cached prompts saved when instances are parked (LRU beyond it).
     #[schema(value_type = String, example = "4GiB")]
     pub kv_cache_disk_budget: ByteSize,
@@ -97,6 +103,8 @@ impl Default for Config {
             max_running_instances: None,
             on_demand_start_timeout: 120,
             memory_budget: None,
+            swap_max_wait: 30.0,
+            swap_min_resident: 5.0,
             kv_cache_disk_budget: ByteSize(4 << 30),
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
@@ -156,6 +164,8 @@ pub struct ConfigPatch {
     #[serde(default, deserialize_with = "some")]
     #[schema(value_type = Option<String>)]
     pub memory_budget: Option<Option<MemoryBudget>>,
+    pub swap_max_wait: Option<f64>,
+    pub swap_min_resident: Option<f64>,
 }
 
 fn some<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -194,6 +204,8 @@ impl Config {
         set!(max_running_instances, true);
         set!(on_demand_start_timeout, true);
         set!(memory_budget, true);
+        set!(swap_max_wait, true);
+        set!(swap_min_resident, true);
         next.validate()?;
         Ok((next, report))
     }
@@ -233,6 +245,8 @@ impl Config {
         live!(on_demand_start_timeout);
         live!(model_dirs);
         live!(memory_budget);
+        live!(swap_max_wait);
+        live!(swap_min_resident);
         live!(kv_cache_disk_budget);
         later!(host);
         later!(port);
@@ -278,6 +292,11 @@ impl Config {
         }
         if !(self.hf_endpoint.starts_with("http://") || self.hf_endpoint.starts_with("https://")) {
             return Err(format!("hf_endpoint must be an http:// or https:// URL, got '{}'", self.hf_endpoint));
+        }
+        for (key, value) in [("swap_max_wait", self.swap_max_wait), ("swap_min_resident", self.swap_min_resident)] {
+            if !(value.is_finite() && (0.0..=86_400.0).contains(&value)) {
+                return Err(format!("{key} must be between 0 and 86400 seconds, got {value}"));
+            }
         }
         if self.max_running_instances == Some(0) {
             return Err("max_running_instances must be at least 1 (or null for no limit)".into());

@@ -198,3 +198,110 @@ async fn parked_instances_return_fast_with_their_prompts_and_a_start_that_cannot
     assert_eq!(status["instances"]["parked"], 1, "{status}");
     assert!(status["memory_budget"]["used"].as_u64().unwrap() <= 800 << 20, "{status}");
 }
+
+/// Swaps a least-recently-used cache of `capacity` models makes serving `sequence` in order:
+/// what a server that starts each request's model as it comes (FIFO) does.
+fn fifo_swaps(sequence: &[&str], capacity: usize) -> usize {
+    let mut resident: Vec<&str> = Vec::new();
+    let mut swaps = 0;
+    for &m in sequence {
+        if let Some(i) = resident.iter().position(|&r| r == m) {
+            resident.remove(i);
+        } else if resident.len() == capacity {
+            resident.remove(0);
+            swaps += 1;
+        }
+        resident.push(m);
+    }
+    swaps
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interleaved_requests_for_models_that_do_not_fit_together_are_served_in_runs() {
+    let models = tempfile::tempdir().unwrap();
+    let files = [common::model_path(), model_copy(models.path(), "b.gguf"), model_copy(models.path(), "c.gguf")];
+    let data = tempfile::tempdir().unwrap();
+    // Two of these instances fit (≈ 390 MiB each), three do not.
+    let max_wait = 20.0;
+    let p = start(data.path(), &format!("memory_budget: 1000MiB\nswap_max_wait: {max_wait}\nswap_min_resident: 0.5\n"))
+        .await;
+    let names = ["a", "b", "c"];
+    for (name, file) in names.iter().zip(&files) {
+        create(&p, name, file, json!({ "ctx_size": 512, "parallel": 2 })).await;
+    }
+    let (_, a) = p.get("/api/instances/a").await;
+    let one = total(&a);
+    assert!(2 * one <= 1000 << 20 && 3 * one > 1000 << 20, "{}", a["memory"]);
+
+    // A B C A B C …, each a few milliseconds after the one before, all in flight at once.
+    let sequence: Vec<&str> = names.iter().cycle().take(12).copied().collect();
+    let started = Instant::now();
+    let requests = sequence.iter().enumerate().map(|(i, &model)| {
+        let base = p.base.clone();
+        async move {
+            tokio::time::sleep(std::time::Duration::from_millis(30 * i as u64)).await;
+            let sent = Instant::now();
+            let body = json!({ "model": model, "prompt": prompt(20, model), "max_tokens": 8, "ignore_eos": true });
+            let r = common::process::client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap();
+            (model, status, body, sent.elapsed())
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    let elapsed = started.elapsed();
+    for (model, status, body, took) in &results {
+        assert_eq!(*status, 200, "{model}: {body}");
+        // Every stream complete: nothing was cut by a swap.
+        assert_eq!(body["usage"]["completion_tokens"], 8, "{model}: {body}");
+        assert_eq!(body["choices"][0]["finish_reason"], "length", "{model}: {body}");
+        // The wait is bounded: at most the maximum, then a load and the generation.
+        assert!(took.as_secs_f64() < max_wait + 20.0, "{model} took {took:?}");
+    }
+    let (_, status) = p.get("/api/system/status").await;
+    let swaps = status["scheduler"]["swaps"].as_u64().unwrap() as usize;
+    let fifo = fifo_swaps(&sequence, 2);
+    println!("12 interleaved requests over 3 models that fit 2 at a time: {swaps} swaps (FIFO: {fifo}) in {elapsed:?}");
+    assert!(swaps < fifo, "{swaps} swaps, as many as FIFO's {fifo}");
+    assert!(swaps <= 2, "served in runs, a swap or two at most: {swaps}");
+    assert!(status["memory_budget"]["used"].as_u64().unwrap() <= 1000 << 20, "{status}");
+    assert_eq!(status["scheduler"]["waiting"], json!({}), "{status}");
+}
+
+/// A streamed request whose model must wait for another to finish is answered at once and kept
+/// alive, then streams normally; the stream it waited for is not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_waiting_for_a_swap_gets_its_first_byte_early_and_cuts_nothing() {
+    let models = tempfile::tempdir().unwrap();
+    let (first, second) = (common::model_path(), model_copy(models.path(), "second.gguf"));
+    let data = tempfile::tempdir().unwrap();
+    let p = start(data.path(), "max_running_instances: 1\nswap_max_wait: 120\n").await;
+    create(&p, "long", &first, json!({ "ctx_size": 1024, "parallel": 1 })).await;
+    create(&p, "next", &second, json!({ "ctx_size": 1024, "parallel": 1 })).await;
+    complete(&p, "long", "warm up").await;
+
+    let base = p.base.clone();
+    let busy = tokio::spawn(async move {
+        let body = json!({ "model": "long", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true });
+        let r = common::process::client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        let body: Value = r.json().await.unwrap();
+        (body, Instant::now())
+    });
+    p.wait_status("long", "running").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let body = json!({ "model": "next", "prompt": "Hello", "max_tokens": 3, "stream": true });
+    let response =
+        common::process::client().post(format!("{}/v1/completions", p.base)).json(&body).send().await.unwrap();
+    let headers_after = sent.elapsed();
+    let headers_at = Instant::now();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let (long, long_done) = busy.await.unwrap();
+    println!("first byte after {headers_after:?}; the long generation ended {:?} later", long_done - headers_at);
+    assert!(headers_at < long_done, "the waiting stream got its first byte only after the long one ended");
+    assert!(text.contains(": waiting for the model to start"), "{text}");
+    assert!(text.contains("[DONE]") && !text.contains("\"error\""), "{text}");
+    assert_eq!(long["usage"]["completion_tokens"], 400, "the long generation was cut: {long}");
+    assert_eq!(p.get("/api/instances/long").await.1["status"], "parked");
+}

@@ -463,6 +463,8 @@ pub struct SystemStatus {
     pub resources: Resources,
     /// The memory budget (`memory_budget`) and what instances hold of it, by the estimates.
     pub memory_budget: crate::instance::memory::BudgetUsage,
+    /// Swaps so far and requests waiting for instances to start.
+    pub scheduler: crate::instance::SchedulerView,
 }
 
 /// Instances by status.

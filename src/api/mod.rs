@@ -133,6 +133,10 @@ pub(crate) fn apply_limits(registry: &Registry, config: &Config) {
     .total_memory();
     registry.set_memory_budget(config.memory_budget_bytes(ram));
     registry.set_kv_store(config.data_dir.join("kv"), config.kv_cache_disk_budget.0);
+    registry.set_swap_policy(crate::instance::SwapPolicy {
+        max_wait: std::time::Duration::from_secs_f64(config.swap_max_wait),
+        min_resident: std::time::Duration::from_secs_f64(config.swap_min_resident),
+    });
 }
 
 pub fn app(state: AppState) -> Router {

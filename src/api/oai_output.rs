@@ -351,10 +351,7 @@ impl Streamer {
                     out.push(Event::default().data("[DONE]"));
                 }
             }
-            Err(e) => {
-                out.push(Event::default().data(OpenAiError(ApiError::from(e)).body().to_string()));
-                out.push(Event::default().data("[DONE]"));
-            }
+            Err(e) => out.extend(error_events(OpenAiError(ApiError::from(e)))),
         }
     }
 }
@@ -362,6 +359,16 @@ impl Streamer {
 /// The SSE response over every choice. The stream owns the generations: when the client goes
 /// away axum drops the stream, their channels close, and the engine frees the slots.
 pub fn stream(generations: Vec<Generation>, output: Output) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    Sse::new(events(generations, output)).keep_alive(KeepAlive::default())
+}
+
+/// An error as the last events of a stream that had already begun.
+pub fn error_events(e: OpenAiError) -> Vec<Event> {
+    vec![Event::default().data(e.body().to_string()), Event::default().data("[DONE]")]
+}
+
+/// The events of [`stream`].
+pub fn events(generations: Vec<Generation>, output: Output) -> impl Stream<Item = Result<Event, Infallible>> + Send {
     let n = generations.len();
     let mode = if output.tools.is_some() { Mode::Undecided } else { Mode::Streaming };
     let streamer = Streamer {
@@ -389,5 +396,5 @@ pub fn stream(generations: Vec<Generation>, output: Output) -> Sse<impl Stream<I
             futures::future::ready(Some(out))
         })
         .flat_map(|events| futures::stream::iter(events.into_iter().map(Ok)));
-    Sse::new(events).keep_alive(KeepAlive::default())
+    events
 }

@@ -6,14 +6,17 @@
 //! response starts, so it gets a real status; only failures during generation become an error
 //! event inside the stream, followed by `[DONE]`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -141,13 +144,33 @@ async fn generate_n(engine: &Engine, request: GenerateRequest, n: u32) -> Result
     Ok(generations)
 }
 
-async fn respond(generations: Vec<Generation>, output: Output, stream: bool) -> OaiResult<Response> {
-    if stream {
-        Ok(oai_output::stream(generations, output).into_response())
-    } else {
-        Ok(oai_output::complete(generations, output).await?.into_response())
+/// Answers once `work` (finding or starting the instance, validating, admitting) is done. A
+/// stream still waiting after [`FIRST_BYTE_WITHIN`] (its model is being swapped in) is answered
+/// at once and kept alive with SSE comments, so clients do not time out; what went wrong after
+/// that comes as an error event, the way errors during generation do.
+async fn respond(
+    work: impl Future<Output = OaiResult<(Vec<Generation>, Output)>> + Send + 'static,
+    stream: bool,
+) -> OaiResult<Response> {
+    if !stream {
+        let (generations, output) = work.await?;
+        return Ok(oai_output::complete(generations, output).await?.into_response());
     }
+    let mut work = Box::pin(work);
+    if let Ok(ready) = tokio::time::timeout(FIRST_BYTE_WITHIN, &mut work).await {
+        let (generations, output) = ready?;
+        return Ok(oai_output::stream(generations, output).into_response());
+    }
+    let events = futures::stream::once(work).flat_map(|ready| match ready {
+        Ok((generations, output)) => oai_output::events(generations, output).left_stream(),
+        Err(e) => futures::stream::iter(oai_output::error_events(e).into_iter().map(Ok)).right_stream(),
+    });
+    let keep_alive = KeepAlive::new().interval(FIRST_BYTE_WITHIN).text("waiting for the model to start");
+    Ok(Sse::new(events).keep_alive(keep_alive).into_response())
 }
+
+/// The longest a stream waits before its first byte (see [`respond`]).
+const FIRST_BYTE_WITHIN: Duration = Duration::from_secs(3);
 
 /// OpenAI's chat completion request.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -312,10 +335,14 @@ async fn chat_completions(
     OaiJson(mut req): OaiJson<ChatRequest>,
 ) -> OaiResult<Response> {
     caller.target(&mut req.model)?;
+    let stream = req.common.stream;
+    respond(chat_generations(state, req), stream).await
+}
+
+async fn chat_generations(state: AppState, req: ChatRequest) -> OaiResult<(Vec<Generation>, Output)> {
     let serving = lookup(&state, &req.model).await?;
     let n = req.common.n()?;
     let include_usage = req.common.include_usage();
-    let stream = req.common.stream;
     let max_tokens = max_tokens(req.max_completion_tokens.or(req.max_tokens), "max_tokens")?;
     let top = match (req.logprobs, req.top_logprobs) {
         (_, Some(t)) if t > MAX_TOP_LOGPROBS => {
@@ -351,7 +378,7 @@ async fn chat_completions(
     output.logprobs = top;
     output.tools = tools;
     output.include_usage = include_usage;
-    respond(generations, output, stream).await
+    Ok((generations, output))
 }
 
 /// Renders the conversation. Tools go to templates that use them; for the others they are
@@ -461,6 +488,11 @@ async fn completions(
     OaiJson(mut req): OaiJson<CompletionRequest>,
 ) -> OaiResult<Response> {
     caller.target(&mut req.model)?;
+    let stream = req.common.stream;
+    respond(completion_generations(state, req), stream).await
+}
+
+async fn completion_generations(state: AppState, req: CompletionRequest) -> OaiResult<(Vec<Generation>, Output)> {
     let serving = lookup(&state, &req.model).await?;
     if req.echo == Some(true) {
         return Err(ApiError::bad_request("echo is not supported").with_param("echo").into());
@@ -477,7 +509,6 @@ async fn completions(
     }
     let n = req.common.n()?;
     let include_usage = req.common.include_usage();
-    let stream = req.common.stream;
     let max_tokens = max_tokens(Some(req.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS)), "max_tokens")?;
     let prompt = req.prompt.single()?;
     let valid = req.common.generation.validate(&serving.engine).await?;
@@ -486,7 +517,7 @@ async fn completions(
     let mut output = Output::new(req.model, Kind::Completion);
     output.logprobs = req.logprobs;
     output.include_usage = include_usage;
-    respond(generations, output, stream).await
+    Ok((generations, output))
 }
 
 /// OpenAI's embeddings request.

@@ -133,6 +133,7 @@ async fn status(State(state): State<AppState>) -> Result<impl IntoResponse, ApiE
         },
         "alerts": state.registry.alerts().len(),
         "memory_budget": state.registry.memory_usage(),
+        "scheduler": state.registry.scheduler(),
         "resources": {
             "cpu_usage": r.cpu_usage,
             "memory_usage": r.memory_used,
@@ -206,6 +207,8 @@ pub(super) async fn update_config(
     live.max_running_instances = next.max_running_instances;
     live.on_demand_start_timeout = next.on_demand_start_timeout;
     live.memory_budget = next.memory_budget;
+    live.swap_max_wait = next.swap_max_wait;
+    live.swap_min_resident = next.swap_min_resident;
     super::apply_limits(&state.registry, &live);
     *state.config.write() = live;
     let message = if report.restart_required.is_empty() {

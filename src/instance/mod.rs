@@ -156,6 +156,8 @@ pub struct InstanceView {
     /// (a Hugging Face model not yet downloaded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<InstanceMemory>,
+    /// Requests waiting for it to start (on-demand starts that wait for room).
+    pub waiting: usize,
 }
 
 /// An instance's memory, computed from its GGUF and options (see `models::memory`).
@@ -244,6 +246,8 @@ struct Entry {
     weights_key: Option<WeightsKey>,
     /// While parked: the weights kept loaded for it, and since when.
     parked: Option<(Arc<Weights>, Instant)>,
+    /// Requests waiting for it to start.
+    waiting: usize,
 }
 
 impl Entry {
@@ -266,6 +270,7 @@ impl Entry {
             shape: None,
             weights_key: None,
             parked: None,
+            waiting: 0,
         }
     }
 
@@ -294,6 +299,7 @@ impl Entry {
                 starting: self.status != Status::Running,
                 busy: engine.is_some_and(Engine::is_busy),
                 idle_for: engine.map_or(Duration::ZERO, Engine::idle_for),
+                resident_for: self.running.as_ref().map_or(Duration::ZERO, |r| r.since.elapsed()),
             }
         } else if let Some((_, since)) = &self.parked {
             memory::Held::Parked { idle_for: since.elapsed() }
@@ -343,6 +349,7 @@ impl Entry {
                 device: "CPU",
                 weights_shared_with: Vec::new(),
             }),
+            waiting: self.waiting,
         }
     }
 }
@@ -399,6 +406,10 @@ struct Inner {
     /// Where parked instances' cached prompts are saved (one directory each), and how much of
     /// the disk they may take; None = not saved.
     kv_store: Mutex<Option<(PathBuf, u64)>>,
+    /// How requests that need a swap wait for it.
+    swap_policy: Mutex<SwapPolicy>,
+    /// Instances parked to make room, since paddock started.
+    swaps: AtomicU64,
     /// Address instances' own ports bind to (the server's host).
     bind_host: Mutex<std::net::IpAddr>,
     /// Where instance records are persisted; None = in memory only.
@@ -444,6 +455,8 @@ impl Registry {
                 max_running: Mutex::new(None),
                 memory_budget: Mutex::new(u64::MAX),
                 kv_store: Mutex::new(None),
+                swap_policy: Mutex::new(SwapPolicy::default()),
+                swaps: AtomicU64::new(0),
                 bind_host: Mutex::new(std::net::IpAddr::from([127, 0, 0, 1])),
                 store,
                 last_version: AtomicU64::new(0),
@@ -611,6 +624,19 @@ impl Registry {
         *self.inner.kv_store.lock() = Some((dir, budget));
     }
 
+    pub fn set_swap_policy(&self, policy: SwapPolicy) {
+        *self.inner.swap_policy.lock() = policy;
+    }
+
+    /// Swaps so far, and the requests waiting for each instance to start.
+    pub fn scheduler(&self) -> SchedulerView {
+        let map = self.inner.map.lock();
+        let mut waiting: Vec<(String, usize)> =
+            map.values().filter(|e| e.waiting > 0).map(|e| (e.spec.name.clone(), e.waiting)).collect();
+        waiting.sort();
+        SchedulerView { swaps: self.inner.swaps.load(Ordering::Relaxed), waiting: waiting.into_iter().collect() }
+    }
+
     /// The memory budget and what holds it now.
     pub fn memory_usage(&self) -> memory::BudgetUsage {
         let budget = *self.inner.memory_budget.lock();
@@ -631,7 +657,9 @@ impl Registry {
         let map = self.inner.map.lock();
         let holders: Vec<_> =
             map.values().filter(|e| e.spec.name != entry.spec.name).filter_map(Entry::holder).collect();
-        let plan = entry.footprint().map(|f| memory::plan(budget, &holders, &entry.spec.name, &entry.weights_key, f));
+        let plan = entry
+            .footprint()
+            .map(|f| memory::plan(budget, &holders, &entry.spec.name, &entry.weights_key, f, memory::Urgency::Now));
         let mut view = entry.view();
         if let Some(m) = view.memory.as_mut() {
             let key = entry.weights_key.as_ref();
@@ -852,6 +880,31 @@ async fn validate_spec(spec: &InstanceSpec) -> Result<Option<(PathBuf, Option<Sh
 /// budget cannot count it.
 fn read_shape(path: &Path) -> Option<Shape> {
     crate::models::registry::shape_of(path).map_err(|e| tracing::warn!("no memory estimate: {e}")).ok()
+}
+
+/// How requests for an instance that needs another one to give way wait (see
+/// [`Registry::serving_or_start`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SwapPolicy {
+    /// The longest a request waits for busy instances to finish before the start takes room.
+    pub max_wait: Duration,
+    /// An instance is not parked for a waiting request before it has been up this long.
+    pub min_resident: Duration,
+}
+
+impl Default for SwapPolicy {
+    fn default() -> Self {
+        SwapPolicy { max_wait: Duration::from_secs(30), min_resident: Duration::from_secs(5) }
+    }
+}
+
+/// The swap scheduler's state, as `GET /api/system/status` shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SchedulerView {
+    /// Instances parked to make room for another, since paddock started.
+    pub swaps: u64,
+    /// Requests waiting for each instance to start, by instance name.
+    pub waiting: std::collections::BTreeMap<String, usize>,
 }
 
 /// What `POST /api/instances/{name}?dry_run=true` answers.

@@ -22,6 +22,11 @@ use crate::engine::{EngineConfig, EngineError, EngineThread, ExitReport};
 const JOIN_DEADLINE: Duration = Duration::from_secs(30);
 /// How often the supervisor looks for idle instances.
 const IDLE_CHECK: Duration = Duration::from_millis(250);
+/// How long an instance parked to make room may take to finish its requests: as long as they
+/// take (a day bounds a runaway), since a swap never cuts a stream.
+const SWAP_DRAIN: Duration = Duration::from_secs(86_400);
+/// How often a request waiting for room looks again.
+const ROOM_POLL: Duration = Duration::from_millis(25);
 
 /// How to stop: let in-flight requests finish for up to `timeout`, or cancel them at once.
 #[derive(Debug, Clone, Copy)]
@@ -50,12 +55,20 @@ impl Registry {
     /// used evictable instance), then begins loading. Returns `starting` at once; the outcome
     /// (`running`, or `failed` with its reason) is applied when the load ends.
     pub async fn start(&self, name: &str) -> Result<Status, InstanceError> {
+        let started = self.start_with(name, memory::Urgency::Now).await?;
+        Ok(started.expect("a start that may evict anything never waits"))
+    }
+
+    /// Starts `name` if room can be made with `urgency`; None when a patient start must wait.
+    async fn start_with(&self, name: &str, urgency: memory::Urgency) -> Result<Option<Status>, InstanceError> {
         self.check_startable(name)?;
         self.read_model_shape(name).await;
-        self.make_room(name).await?;
+        if !self.make_room(name, urgency).await? {
+            return Ok(None);
+        }
         let status = self.begin_start(name, true)?;
         self.set_desired(name, true).await;
-        Ok(status)
+        Ok(Some(status))
     }
 
     fn check_startable(&self, name: &str) -> Result<(), InstanceError> {
@@ -93,88 +106,88 @@ impl Registry {
 
     /// Parks or frees other instances until `name` may start: under `max_running_instances`,
     /// and within the memory budget. One step at a time, planned again after each, since
-    /// draining an instance takes a while and the world changes meanwhile.
-    async fn make_room(&self, name: &str) -> Result<(), InstanceError> {
+    /// draining an instance takes a while and the world changes meanwhile. False when a patient
+    /// start must wait for busy instances.
+    async fn make_room(&self, name: &str, urgency: memory::Urgency) -> Result<bool, InstanceError> {
         let mut steps = 0;
         loop {
-            let step = self.next_room_step(name)?;
+            let step = self.next_room_step(name, urgency)?;
             steps += 1;
             match step {
-                None => return Ok(()),
+                memory::Step::Fits => return Ok(true),
+                memory::Step::Wait => return Ok(false),
                 // Each step parks or frees one instance; more steps than that means the same
                 // victim keeps coming back (its park failing), so give up rather than spin.
-                Some(_) if steps > 2 * self.inner.map.lock().len() + 2 => {
+                _ if steps > 2 * self.inner.map.lock().len() + 2 => {
                     return Err(InstanceError::NoCapacity(format!(
                         "could not make room for '{name}': instances did not give way"
                     )))
                 }
-                Some(memory::Step::Park(victim)) => {
-                    // A busy instance is drained, never cut off: its requests finish first.
-                    let _ = self.park(&victim).await;
+                memory::Step::Park(victim) => {
+                    // A swap is a model leaving residency; freeing parked weights is not one.
+                    self.inner.swaps.fetch_add(1, Ordering::Relaxed);
+                    // Its requests finish first, however long they take: never cut a stream.
+                    let _ = self.park(&victim, SWAP_DRAIN).await;
                 }
-                Some(memory::Step::Release(victim)) => self.release(&victim),
-                Some(memory::Step::Fits) => return Ok(()),
-                Some(memory::Step::Refuse(details)) => {
+                memory::Step::Release(victim) => self.release(&victim),
+                memory::Step::Refuse(details) => {
                     return Err(InstanceError::InsufficientMemory { name: name.to_string(), details })
                 }
             }
         }
     }
 
-    fn next_room_step(&self, name: &str) -> Result<Option<memory::Step>, InstanceError> {
+    fn next_room_step(&self, name: &str, urgency: memory::Urgency) -> Result<memory::Step, InstanceError> {
         let map = self.inner.map.lock();
+        let holders: Vec<_> = map.values().filter_map(super::Entry::holder).collect();
+        let log = |victim: &str, message: String| {
+            if let Some(e) = map.get(victim) {
+                e.logs.push(Level::INFO, message);
+            }
+        };
         if let Some(max) = *self.inner.max_running.lock() {
-            let active: Vec<_> = map
+            let active = map
                 .values()
                 .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
-                .collect();
-            if active.len() >= max {
-                let victim = active
-                    .iter()
-                    .filter(|e| e.spec.policy.evictable && e.status == Status::Running)
-                    .filter_map(|e| {
-                        let engine = &e.running.as_ref()?.serving.engine;
-                        Some((e.spec.name.clone(), !engine.is_busy(), engine.idle_for()))
-                    })
-                    // An idle instance before a busy one, then the least recently used.
-                    .max_by_key(|(_, idle_now, idle_for)| (*idle_now, *idle_for))
-                    .map(|(n, _, _)| n)
-                    .ok_or_else(|| {
-                        let names: Vec<_> = active.iter().map(|e| format!("{} ({})", e.spec.name, e.status)).collect();
-                        InstanceError::NoCapacity(format!(
+                .count();
+            if active >= max {
+                return match memory::running_victim(&holders, name, urgency) {
+                    Ok(Some(victim)) => {
+                        log(&victim.name, format!("parked to make room for '{name}' (max_running_instances {max})"));
+                        Ok(memory::Step::Park(victim.name.clone()))
+                    }
+                    Err(()) => Ok(memory::Step::Wait),
+                    Ok(None) => {
+                        let names: Vec<_> = map
+                            .values()
+                            .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
+                            .map(|e| format!("{} ({})", e.spec.name, e.status))
+                            .collect();
+                        Err(InstanceError::NoCapacity(format!(
                             "max_running_instances is {max} and none of the running instances can be evicted: {}",
                             names.join(", ")
-                        ))
-                    })?;
-                let message = format!("parked to make room for '{name}' (max_running_instances {max})");
-                if let Some(e) = map.get(&victim) {
-                    e.logs.push(Level::INFO, message);
-                }
-                return Ok(Some(memory::Step::Park(victim)));
+                        )))
+                    }
+                };
             }
         }
         let Some(entry) = map.get(name) else { return Err(InstanceError::NotFound(name.to_string())) };
-        let Some(footprint) = entry.footprint() else { return Ok(None) };
+        let Some(footprint) = entry.footprint() else { return Ok(memory::Step::Fits) };
         let budget = *self.inner.memory_budget.lock();
-        let holders: Vec<_> = map.values().filter_map(super::Entry::holder).collect();
-        let step = memory::plan(budget, &holders, name, &entry.weights_key, footprint);
-        let mib = |b: u64| b >> 20;
-        match &step {
-            memory::Step::Fits => return Ok(None),
-            memory::Step::Park(victim) | memory::Step::Release(victim) => {
-                let verb = if matches!(step, memory::Step::Park(_)) { "parked" } else { "weights freed" };
-                let message = format!(
+        let step = memory::plan(budget, &holders, name, &entry.weights_key, footprint, urgency);
+        if let memory::Step::Park(victim) | memory::Step::Release(victim) = &step {
+            let verb = if matches!(step, memory::Step::Park(_)) { "parked" } else { "weights freed" };
+            let need = memory::cost(&holders, name, &entry.weights_key, footprint);
+            log(
+                victim,
+                format!(
                     "{verb} to make room for '{name}' ({} MiB) within memory_budget ({} MiB)",
-                    mib(memory::cost(&holders, name, &entry.weights_key, footprint)),
-                    mib(budget)
-                );
-                if let Some(e) = map.get(victim) {
-                    e.logs.push(Level::INFO, message);
-                }
-            }
-            memory::Step::Refuse(_) => {}
+                    need >> 20,
+                    budget >> 20
+                ),
+            );
         }
-        Ok(Some(step))
+        Ok(step)
     }
 
     /// Frees a parked instance's weights (unless other instances use them too): it is stopped.
@@ -435,7 +448,7 @@ impl Registry {
     /// Parks a running instance: its requests finish (new ones wait for its next start), its
     /// slots' cached prompts are saved, its context is freed, and its weights stay loaded until
     /// the memory budget needs them (see [`memory`]). Its next start only creates a context.
-    pub async fn park(&self, name: &str) -> Result<Status, InstanceError> {
+    pub async fn park(&self, name: &str, drain: Duration) -> Result<Status, InstanceError> {
         let (running, key) = {
             let mut map = self.inner.map.lock();
             let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
@@ -446,9 +459,8 @@ impl Registry {
         };
         self.set_desired(name, false).await;
         if let Some(running) = running {
-            let timeout = StopMode::default().timeout;
-            if !running.serving.engine.drain(timeout).await {
-                self.log(name, Level::WARN, format!("requests still running after {timeout:?}; cancelling them"));
+            if !running.serving.engine.drain(drain).await {
+                self.log(name, Level::WARN, format!("requests still running after {drain:?}; cancelling them"));
             }
             // Taken before the engine lets go of them, so they stay loaded.
             let weights = key.as_ref().and_then(weights::resident);
@@ -532,8 +544,14 @@ impl Registry {
         names.into_iter().zip(results).collect()
     }
 
-    /// The serving handles of `name`, starting it first if it is stopped and allows on-demand
-    /// starts. Waits on the status channel (no polling) for at most `timeout`.
+    /// The serving handles of `name`, starting it first if it is stopped (or parked) and allows
+    /// on-demand starts; at most `timeout` in all.
+    ///
+    /// When the start needs another instance to give way, the request is patient for up to
+    /// `swap_max_wait`: instances that are serving, or only just started, are not parked for it
+    /// until then (see [`memory::Urgency`]). Interleaved requests for models that do not fit
+    /// together are so served in runs of one model rather than a swap each; past the wait, the
+    /// start takes room the user's way, draining (never cutting) what it parks.
     pub async fn serving_or_start(&self, name: &str, timeout: Duration) -> Result<Serving, InstanceError> {
         match self.serving(name) {
             Err(InstanceError::NotRunning { .. }) => {}
@@ -544,14 +562,36 @@ impl Registry {
         if !on_demand {
             return self.serving(name);
         }
-        match self.start(name).await {
-            // Someone else is starting it, or it came up meanwhile: wait for the same outcome.
-            Ok(_) | Err(InstanceError::Transition { .. }) => {}
-            Err(e) => return Err(e),
+        let deadline = Instant::now() + timeout;
+        let waiting = Waiting::new(self, name);
+        loop {
+            let policy = *self.inner.swap_policy.lock();
+            let urgency = if waiting.since.elapsed() < policy.max_wait {
+                memory::Urgency::Patient { min_resident: policy.min_resident }
+            } else {
+                memory::Urgency::Now
+            };
+            let draining = || self.with_entry(name, |e| e.status == Status::Stopping).unwrap_or(false);
+            match self.start_with(name, urgency).await {
+                // Started, or someone else is starting it (or it came up meanwhile): wait for the
+                // outcome. Being parked or stopped right now: try again once it has.
+                Ok(Some(_)) => break,
+                Err(InstanceError::Transition { .. }) if !draining() => break,
+                Ok(None) | Err(InstanceError::Transition { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(InstanceError::StartTimeout { name: name.to_string(), secs: timeout.as_secs() });
+            }
+            tokio::time::sleep(ROOM_POLL).await;
         }
-        let settled =
-            tokio::time::timeout(timeout, status_rx.wait_for(|s| !matches!(s, Status::Starting | Status::Stopped)))
-                .await;
+        drop(waiting);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let settled = tokio::time::timeout(
+            left,
+            status_rx.wait_for(|s| !matches!(s, Status::Starting | Status::Stopped | Status::Parked)),
+        )
+        .await;
         match settled {
             Err(_) => Err(InstanceError::StartTimeout { name: name.to_string(), secs: timeout.as_secs() }),
             Ok(_) => self.serving(name).map_err(|e| match e {
@@ -576,7 +616,7 @@ impl Registry {
                 let registry = Registry { inner };
                 for name in registry.idle_instances() {
                     registry.log(&name, Level::INFO, "idle timeout reached; parking");
-                    let _ = registry.park(&name).await;
+                    let _ = registry.park(&name, StopMode::default().timeout).await;
                 }
             }
         });
@@ -605,5 +645,30 @@ impl Registry {
 
     fn log(&self, name: &str, level: Level, message: impl Into<String>) {
         let _ = self.with_entry(name, |e| e.logs.push(level, message));
+    }
+}
+
+/// A request waiting for its instance to start, counted on the instance while it waits (the
+/// count drops when the request is served, fails, or its client goes away).
+struct Waiting<'r> {
+    registry: &'r Registry,
+    name: String,
+    since: Instant,
+}
+
+impl<'r> Waiting<'r> {
+    fn new(registry: &'r Registry, name: &str) -> Self {
+        if let Some(e) = registry.inner.map.lock().get_mut(name) {
+            e.waiting += 1;
+        }
+        Waiting { registry, name: name.to_string(), since: Instant::now() }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.registry.inner.map.lock().get_mut(&self.name) {
+            e.waiting = e.waiting.saturating_sub(1);
+        }
     }
 }
