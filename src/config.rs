@@ -30,8 +30,12 @@ pub struct Config {
     /// instances that are serving to finish, before its start parks one anyway (drained, never
     /// cut). Requests for models that do not fit together are so served in runs, not a swap each.
     pub swap_max_wait: f64,
-    /// Seconds an instance stays up before a waiting request may park it.
+    /// Seconds an instance stays up before a waiting request may park it even when idle; 0 (the
+    /// default) parks an idle instance at once, which a single user switching models wants. Raise
+    /// it when clients send bursts with pauses between them.
     pub swap_min_resident: f64,
+    /// Limits per group of instances (an instance's `group`): `{name: {max_running: N}}`.
+    pub groups: std::collections::BTreeMap<String, GroupLimits>,
     /// Disk space for the cached prompts saved when instances are parked (LRU beyond it).
     #[schema(value_type = String, example = "4GiB")]
     pub kv_cache_disk_budget: ByteSize,
@@ -48,6 +52,15 @@ pub struct Config {
     /// when paddock saves the config file.
     #[serde(skip_serializing)]
     pub hf_token: Option<String>,
+}
+
+/// What a group of instances may hold at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupLimits {
+    /// Most instances of the group running (or starting) at once; starting one more parks
+    /// the group's least recently used evictable member.
+    pub max_running: usize,
 }
 
 /// Credentials. Auth is on whenever a user or API key exists, or paddock listens beyond loopback.
@@ -104,7 +117,8 @@ impl Default for Config {
             on_demand_start_timeout: 120,
             memory_budget: None,
             swap_max_wait: 30.0,
-            swap_min_resident: 5.0,
+            swap_min_resident: 0.0,
+            groups: Default::default(),
             kv_cache_disk_budget: ByteSize(4 << 30),
             auth: AuthConfig::default(),
             rate_limits: RateLimitConfig::default(),
@@ -247,6 +261,7 @@ impl Config {
         live!(memory_budget);
         live!(swap_max_wait);
         live!(swap_min_resident);
+        live!(groups);
         live!(kv_cache_disk_budget);
         later!(host);
         later!(port);
@@ -297,6 +312,9 @@ impl Config {
             if !(value.is_finite() && (0.0..=86_400.0).contains(&value)) {
                 return Err(format!("{key} must be between 0 and 86400 seconds, got {value}"));
             }
+        }
+        if let Some((name, _)) = self.groups.iter().find(|(_, g)| g.max_running == 0) {
+            return Err(format!("groups.{name}.max_running must be at least 1"));
         }
         if self.max_running_instances == Some(0) {
             return Err("max_running_instances must be at least 1 (or null for no limit)".into());

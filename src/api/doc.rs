@@ -343,13 +343,15 @@ pub struct InstanceBody {
     pub on_demand_start: Option<bool>,
     /// Minutes without inference traffic before the instance is stopped; 0 = never (default).
     pub idle_timeout: Option<f64>,
-    /// Whether `max_running_instances` may stop it to make room for another (default true).
+    /// Whether it may be parked to make room for another (default true).
     pub evictable: Option<bool>,
+    /// The group it counts in for the group's `max_running` (config `groups`); `""` leaves it.
+    pub group: Option<String>,
 }
 
 /// The policy fields [`InstanceBody`] lists at its top level (checked against the parser's list).
-pub const BODY_POLICY_FIELDS: [&str; 6] =
-    ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable"];
+pub const BODY_POLICY_FIELDS: [&str; 7] =
+    ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable", "group"];
 
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -49,8 +49,8 @@ struct Body {
     policy: PolicyPatch,
 }
 
-pub(super) const POLICY_FIELDS: [&str; 6] =
-    ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable"];
+pub(super) const POLICY_FIELDS: [&str; 7] =
+    ["auto_restart", "max_restarts", "restart_delay", "on_demand_start", "idle_timeout", "evictable", "group"];
 
 fn invalid(details: impl Into<String>) -> ApiError {
     ApiError::bad_request("Invalid request body").with_details(details)

@@ -127,6 +127,7 @@ impl AppState {
 /// budget, and the saved prompts' place and disk budget.
 pub(crate) fn apply_limits(registry: &Registry, config: &Config) {
     registry.set_max_running(config.max_running_instances);
+    registry.set_group_limits(config.groups.iter().map(|(name, g)| (name.clone(), g.max_running)).collect());
     let ram = sysinfo::System::new_with_specifics(
         sysinfo::RefreshKind::nothing().with_memory(sysinfo::MemoryRefreshKind::nothing().with_ram()),
     )

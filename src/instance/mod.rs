@@ -408,6 +408,8 @@ struct Inner {
     kv_store: Mutex<Option<(PathBuf, u64)>>,
     /// How requests that need a swap wait for it.
     swap_policy: Mutex<SwapPolicy>,
+    /// Most instances of each group running at once.
+    group_limits: Mutex<HashMap<String, usize>>,
     /// Instances parked to make room, since paddock started.
     swaps: AtomicU64,
     /// Address instances' own ports bind to (the server's host).
@@ -456,6 +458,7 @@ impl Registry {
                 memory_budget: Mutex::new(u64::MAX),
                 kv_store: Mutex::new(None),
                 swap_policy: Mutex::new(SwapPolicy::default()),
+                group_limits: Mutex::new(HashMap::new()),
                 swaps: AtomicU64::new(0),
                 bind_host: Mutex::new(std::net::IpAddr::from([127, 0, 0, 1])),
                 store,
@@ -622,6 +625,10 @@ impl Registry {
     /// recently saved dropped first).
     pub fn set_kv_store(&self, dir: PathBuf, budget: u64) {
         *self.inner.kv_store.lock() = Some((dir, budget));
+    }
+
+    pub fn set_group_limits(&self, limits: HashMap<String, usize>) {
+        *self.inner.group_limits.lock() = limits;
     }
 
     pub fn set_swap_policy(&self, policy: SwapPolicy) {
@@ -894,7 +901,7 @@ pub struct SwapPolicy {
 
 impl Default for SwapPolicy {
     fn default() -> Self {
-        SwapPolicy { max_wait: Duration::from_secs(30), min_resident: Duration::from_secs(5) }
+        SwapPolicy { max_wait: Duration::from_secs(30), min_resident: Duration::ZERO }
     }
 }
 

@@ -36,8 +36,12 @@ pub struct Policy {
     pub on_demand_start: bool,
     /// Minutes without inference traffic before the instance is stopped; 0 = never.
     pub idle_timeout: f64,
-    /// Whether `max_running_instances` may stop it to make room for another.
+    /// Whether it may be parked to make room for another (`max_running_instances`, the memory
+    /// budget, a group's `max_running`).
     pub evictable: bool,
+    /// The group it counts in (config `groups: {name: {max_running}}`); none by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Default for Policy {
@@ -49,6 +53,7 @@ impl Default for Policy {
             on_demand_start: true,
             idle_timeout: 0.0,
             evictable: true,
+            group: None,
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct PolicyPatch {
     pub on_demand_start: Option<bool>,
     pub idle_timeout: Option<f64>,
     pub evictable: Option<bool>,
+    /// `""` leaves its group.
+    pub group: Option<String>,
 }
 
 impl Policy {
@@ -71,6 +78,9 @@ impl Policy {
             ($($f:ident),*) => { $( if let Some(v) = p.$f { self.$f = v; } )* };
         }
         take!(auto_restart, max_restarts, restart_delay, on_demand_start, idle_timeout, evictable);
+        if let Some(g) = &p.group {
+            self.group = (!g.is_empty()).then(|| g.clone());
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -82,6 +92,11 @@ impl Policy {
                 "idle_timeout must be 0 (never) or a positive number of minutes, got {}",
                 self.idle_timeout
             ));
+        }
+        if let Some(g) = &self.group {
+            if g.len() > 64 || g.chars().any(char::is_control) {
+                return Err(format!("group must be a name of at most 64 characters, got '{g}'"));
+            }
         }
         if self.max_restarts > 1000 {
             return Err(format!("max_restarts must be at most 1000, got {}", self.max_restarts));

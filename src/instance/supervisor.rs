@@ -145,31 +145,39 @@ impl Registry {
                 e.logs.push(Level::INFO, message);
             }
         };
-        if let Some(max) = *self.inner.max_running.lock() {
-            let active = map
+        // The caps by count: max_running_instances over all, then the instance's group's.
+        let group = map.get(name).and_then(|e| e.spec.policy.group.clone());
+        let group_max = group.as_ref().and_then(|g| self.inner.group_limits.lock().get(g).copied());
+        let caps = [
+            (*self.inner.max_running.lock(), None, "max_running_instances".to_string()),
+            (group_max, group.clone(), format!("group '{}' max_running", group.as_deref().unwrap_or_default())),
+        ];
+        for (max, only_group, what) in caps {
+            let Some(max) = max else { continue };
+            let member = |e: &super::Entry| only_group.is_none() || e.spec.policy.group == only_group;
+            let active: Vec<&super::Entry> = map
                 .values()
-                .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
-                .count();
-            if active >= max {
-                return match memory::running_victim(&holders, name, urgency) {
-                    Ok(Some(victim)) => {
-                        log(&victim.name, format!("parked to make room for '{name}' (max_running_instances {max})"));
-                        Ok(memory::Step::Park(victim.name.clone()))
-                    }
-                    Err(()) => Ok(memory::Step::Wait),
-                    Ok(None) => {
-                        let names: Vec<_> = map
-                            .values()
-                            .filter(|e| e.spec.name != name && matches!(e.status, Status::Running | Status::Starting))
-                            .map(|e| format!("{} ({})", e.spec.name, e.status))
-                            .collect();
-                        Err(InstanceError::NoCapacity(format!(
-                            "max_running_instances is {max} and none of the running instances can be evicted: {}",
-                            names.join(", ")
-                        )))
-                    }
-                };
+                .filter(|e| e.spec.name != name && member(e) && matches!(e.status, Status::Running | Status::Starting))
+                .collect();
+            if active.len() < max {
+                continue;
             }
+            let members: Vec<memory::Holder> =
+                map.values().filter(|e| member(e)).filter_map(super::Entry::holder).collect();
+            return match memory::running_victim(&members, name, urgency) {
+                Ok(Some(victim)) => {
+                    log(&victim.name, format!("parked to make room for '{name}' ({what} {max})"));
+                    Ok(memory::Step::Park(victim.name.clone()))
+                }
+                Err(()) => Ok(memory::Step::Wait),
+                Ok(None) => {
+                    let names: Vec<_> = active.iter().map(|e| format!("{} ({})", e.spec.name, e.status)).collect();
+                    Err(InstanceError::NoCapacity(format!(
+                        "{what} is {max} and none of the running instances can be evicted: {}",
+                        names.join(", ")
+                    )))
+                }
+            };
         }
         let Some(entry) = map.get(name) else { return Err(InstanceError::NotFound(name.to_string())) };
         let Some(footprint) = entry.footprint() else { return Ok(memory::Step::Fits) };

@@ -328,3 +328,38 @@ async fn an_instance_serves_its_own_port_while_running() {
     s.wait_status("clash", "running").await;
     s.post("/api/instances/clash/stop", json!({ "force": true })).await;
 }
+
+/// A group's max_running parks only the group's members; others keep running.
+#[tokio::test]
+async fn a_group_cap_parks_within_the_group() {
+    let s = spawn_server(|c| {
+        c.groups.insert("big".into(), paddock::config::GroupLimits { max_running: 1 });
+    });
+    for (name, group) in [("g1", json!("big")), ("g2", json!("big")), ("solo", Value::Null)] {
+        let mut body = json!({ "name": name, "model_path": model_path(), "options": small() });
+        if !group.is_null() {
+            body["group"] = group;
+        }
+        let (status, body) = s.post("/api/instances", body).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    assert_eq!(s.get("/api/instances/g1").await.1["group"], "big");
+    for name in ["g1", "solo"] {
+        s.post(&format!("/api/instances/{name}/start"), json!({})).await;
+        s.wait_status(name, "running").await;
+    }
+    let (status, body) = s.post("/api/instances/g2/start", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    s.wait_status("g2", "running").await;
+    assert_eq!(s.get("/api/instances/g1").await.1["status"], "parked");
+    assert_eq!(s.get("/api/instances/solo").await.1["status"], "running");
+    let (_, logs) = s.get("/api/instances/g1/logs").await;
+    assert!(logs.to_string().contains("parked to make room for 'g2' (group 'big' max_running 1)"), "{logs}");
+    // Leaving the group lifts the cap.
+    let (status, body) = s.put("/api/instances/g1", json!({ "group": "" })).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["instance"].get("group").is_none(), "{body}");
+    s.post("/api/instances/g1/start", json!({})).await;
+    s.wait_status("g1", "running").await;
+    assert_eq!(s.get("/api/instances/g2").await.1["status"], "running");
+}
