@@ -275,24 +275,37 @@ async fn a_stream_waiting_for_a_swap_gets_its_first_byte_early_and_cuts_nothing(
     let models = tempfile::tempdir().unwrap();
     let (first, second) = (common::model_path(), model_copy(models.path(), "second.gguf"));
     let data = tempfile::tempdir().unwrap();
-    let p = start(data.path(), "max_running_instances: 1\nswap_max_wait: 120\n").await;
+    let p = start(data.path(), "max_running_instances: 1\nswap_max_wait: 600\non_demand_start_timeout: 600\n").await;
     create(&p, "long", &first, json!({ "ctx_size": 1024, "parallel": 1 })).await;
     create(&p, "next", &second, json!({ "ctx_size": 1024, "parallel": 1 })).await;
     complete(&p, "long", "warm up").await;
 
     let base = p.base.clone();
+    // Generous: the other tests of this file load the machine too.
+    let patient = || reqwest::Client::builder().timeout(std::time::Duration::from_secs(600)).build().unwrap();
     let busy = tokio::spawn(async move {
-        let body = json!({ "model": "long", "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true });
-        let r = common::process::client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        let body = json!({ "model": "long", "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true });
+        let r = patient().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
         let body: Value = r.json().await.unwrap();
         (body, Instant::now())
     });
     p.wait_status("long", "running").await;
+    // The wait shows on the live events.
+    let ws_url = format!("{}/api/ws", p.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let waiting_seen = tokio::spawn(async move {
+        loop {
+            let Some(Ok(msg)) = futures::StreamExt::next(&mut ws).await else { return false };
+            let Ok(event) = serde_json::from_str::<Value>(msg.to_text().unwrap_or("")) else { continue };
+            if event["type"] == "scheduler" && event["data"]["waiting"]["next"] == 1 {
+                return true;
+            }
+        }
+    });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let sent = Instant::now();
     let body = json!({ "model": "next", "prompt": "Hello", "max_tokens": 3, "stream": true });
-    let response =
-        common::process::client().post(format!("{}/v1/completions", p.base)).json(&body).send().await.unwrap();
+    let response = patient().post(format!("{}/v1/completions", p.base)).json(&body).send().await.unwrap();
     let headers_after = sent.elapsed();
     let headers_at = Instant::now();
     assert_eq!(response.status(), 200);
@@ -302,6 +315,8 @@ async fn a_stream_waiting_for_a_swap_gets_its_first_byte_early_and_cuts_nothing(
     assert!(headers_at < long_done, "the waiting stream got its first byte only after the long one ended");
     assert!(text.contains(": waiting for the model to start"), "{text}");
     assert!(text.contains("[DONE]") && !text.contains("\"error\""), "{text}");
-    assert_eq!(long["usage"]["completion_tokens"], 400, "the long generation was cut: {long}");
+    assert_eq!(long["usage"]["completion_tokens"], 300, "the long generation was cut: {long}");
     assert_eq!(p.get("/api/instances/long").await.1["status"], "parked");
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), waiting_seen).await;
+    assert!(matches!(seen, Ok(Ok(true))), "no scheduler event with the waiting request");
 }

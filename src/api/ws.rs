@@ -150,6 +150,7 @@ fn event_message(event: &RegistryEvent) -> Value {
             let data = json!({ "level": a.level, "message": a.message, "instance": a.instance });
             json!({ "type": "system_alert", "timestamp": a.time, "data": data })
         }
+        RegistryEvent::Scheduler(view) => message("scheduler", json!(view)),
     }
 }
 

@@ -123,6 +123,8 @@ pub enum RegistryEvent {
     Updated(String),
     Deleted(String),
     Alert(Alert),
+    /// Requests started waiting or stopped waiting for an instance, or a swap happened.
+    Scheduler(SchedulerView),
 }
 
 /// What GET returns for an instance.
@@ -644,6 +646,11 @@ impl Registry {
         SchedulerView { swaps: self.inner.swaps.load(Ordering::Relaxed), waiting: waiting.into_iter().collect() }
     }
 
+    /// Tells subscribers the scheduler's state changed. Not under the registry lock.
+    fn publish_scheduler(&self) {
+        let _ = self.inner.events.send(RegistryEvent::Scheduler(self.scheduler()));
+    }
+
     /// The memory budget and what holds it now.
     pub fn memory_usage(&self) -> memory::BudgetUsage {
         let budget = *self.inner.memory_budget.lock();
@@ -722,6 +729,7 @@ impl Registry {
         let mut spec = self.with_entry(name, |e| e.spec.clone())?;
         patch.apply_to(&mut spec);
         let shape = validate_spec(&spec).await?;
+        let mut unparked = None;
         let (view, changed, restart_required) = {
             let mut map = self.inner.map.lock();
             let e = map.get_mut(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
@@ -730,6 +738,11 @@ impl Registry {
             if changed {
                 e.spec = spec;
                 e.updated_at = Utc::now();
+                // A parked instance's weights may not match the new spec: free them.
+                if e.status == Status::Parked {
+                    let _ = apply(&self.inner.events, e, Event::Stop);
+                    unparked = e.parked.take();
+                }
                 // Applies at the next start; until then a running instance keeps what it holds.
                 if !e.is_active() {
                     (e.model_file, e.shape, e.weights_key) = (None, None, None);
@@ -748,6 +761,8 @@ impl Registry {
             }
             (e.view(), changed, restart_required)
         };
+        // Freed outside the registry lock.
+        drop(unparked);
         if changed {
             self.persist(name, false).await?;
             let _ = self.inner.events.send(RegistryEvent::Updated(name.to_string()));
@@ -773,14 +788,16 @@ impl Registry {
     }
 
     pub async fn delete(&self, name: &str) -> Result<(), InstanceError> {
-        {
+        let removed = {
             let mut map = self.inner.map.lock();
             let entry = map.get(name).ok_or_else(|| InstanceError::NotFound(name.to_string()))?;
             if !matches!(entry.status, Status::Stopped | Status::Failed | Status::Parked) {
                 return Err(InstanceError::Busy { name: name.to_string(), status: entry.status });
             }
-            map.remove(name);
-        }
+            map.remove(name)
+        };
+        // A parked instance's weights are freed here, not under the registry lock.
+        drop(removed);
         if let Some(dir) = self.kv_dir(name) {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
         }

@@ -126,6 +126,7 @@ impl Registry {
                 memory::Step::Park(victim) => {
                     // A swap is a model leaving residency; freeing parked weights is not one.
                     self.inner.swaps.fetch_add(1, Ordering::Relaxed);
+                    self.publish_scheduler();
                     // Its requests finish first, however long they take: never cut a stream.
                     let _ = self.park(&victim, SWAP_DRAIN).await;
                 }
@@ -669,6 +670,7 @@ impl<'r> Waiting<'r> {
         if let Some(e) = registry.inner.map.lock().get_mut(name) {
             e.waiting += 1;
         }
+        registry.publish_scheduler();
         Waiting { registry, name: name.to_string(), since: Instant::now() }
     }
 }
@@ -678,5 +680,6 @@ impl Drop for Waiting<'_> {
         if let Some(e) = self.registry.inner.map.lock().get_mut(&self.name) {
             e.waiting = e.waiting.saturating_sub(1);
         }
+        self.registry.publish_scheduler();
     }
 }

@@ -225,6 +225,10 @@ async fn eviction_under_max_running_instances() {
         .unwrap()
         .iter()
         .any(|l| l["message"].as_str().unwrap().starts_with("parked to make room for 'e2'")));
+    // Changing a parked instance frees its weights (they may not fit the new options).
+    let (status, body) = s.put("/api/instances/e1", json!({ "options": { "seed": 7 } })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["instance"]["status"], "stopped", "{body}");
 
     s.post("/api/instances/e2/stop", json!({})).await;
     s.post("/api/instances/pinned/start", json!({})).await;
