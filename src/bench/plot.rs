@@ -1,6 +1,6 @@
 //! `--plot FILE.svg`: aggregate output tok/s and TTFT p50 against the sweep's x (concurrency
-//! or request rate), one line per target; in the swap scenario, each request's TTFT and E2E in
-//! the order sent, one line per target and one for the in-process reference. SVG only: plotters' bitmap and font backends would
+//! or request rate), one line per target; in the swap scenario, each request's TTFT (one line
+//! per target and one for the in-process reference) and each server's memory after it. SVG only: plotters' bitmap and font backends would
 //! pull in system libraries, and SVG text needs no font at draw time.
 
 use std::path::Path;
@@ -64,13 +64,15 @@ fn write_swap(swap: &super::swap::SwapReport, path: &Path) -> Result<(), String>
         swap.targets.iter().map(|t| (t.target.clone(), line(t))).collect()
     };
     let ttft = per_request(|r| r.ok().then_some(r.ttft_ms).flatten());
-    let e2e = per_request(|r| r.ok().then_some(r.e2e_ms));
+    // The reference has no server, hence no memory line.
+    let rss: Vec<Series> =
+        per_request(|r| r.rss_kib.map(|k| k as f64 / 1024.0)).into_iter().filter(|(_, p)| !p.is_empty()).collect();
     let x_label = "request (each names the next model)";
     let root = SVGBackend::new(path, (1100, 440)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(550);
     panel(&left, "Swap: time to first token", x_label, "ms", &ttft)?;
-    panel(&right, "Swap: end-to-end latency", x_label, "ms", &e2e)?;
+    panel(&right, "Resident memory after each request", x_label, "MiB", &rss)?;
     root.present().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 

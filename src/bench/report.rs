@@ -257,28 +257,36 @@ fn swap_table(out: &mut String, swap: &SwapReport, base: &str) {
     let width = swap.targets.iter().map(|t| t.target.len()).max().unwrap_or(6).max(6);
     let _ = writeln!(
         out,
-        "  {:<width$} {:>4} {:>4} {:>22} {:>9} {:>11}   vs {base}: TTFT p50, p90   vs {}: TTFT p50",
+        "  {:<width$} {:>4} {:>4} {:>22} {:>9} {:>11} {:>15}   vs {base}: TTFT p50, p90   vs {}: TTFT p50",
         "target",
         "req",
         "err",
         "TTFT ms p50/p90/max",
         "E2E p50",
         "load ms p50",
+        "RSS MiB 1st→nth",
         super::swap::BARE
     );
     for t in &swap.targets {
         let s = &t.summary;
         let ttft =
             s.ttft_ms.map(|d| format!("{:.1}/{:.1}/{:.1}", d.p50, d.p90, d.max)).unwrap_or_else(|| "-".into());
+        // Memory after the first and the last request: growth means unloads leave memory behind.
+        let rss: Vec<f64> = t.requests.iter().filter_map(|r| r.rss_kib).map(|k| k as f64 / 1024.0).collect();
+        let rss = match (rss.first(), rss.last()) {
+            (Some(a), Some(b)) => format!("{a:.0}→{b:.0}"),
+            _ => "-".into(),
+        };
         let _ = write!(
             out,
-            "  {:<width$} {:>4} {:>4} {:>22} {:>9} {:>11}",
+            "  {:<width$} {:>4} {:>4} {:>22} {:>9} {:>11} {:>15}",
             t.target,
             s.requests,
             s.errors,
             ttft,
             dist(s.e2e_ms, |d| d.p50),
-            dist(t.load_ms, |d| d.p50)
+            dist(t.load_ms, |d| d.p50),
+            rss
         );
         if let Some(r) = &t.ratios {
             let _ = write!(out, "   {} {}", ratio(r.ttft_p50), ratio(r.ttft_p90));

@@ -17,6 +17,10 @@ pub struct RequestRecord {
     /// when the request had to load it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_ms: Option<f64>,
+    /// The spawned server's resident memory right after the request (swap scenario), summed
+    /// over its processes: whether unloaded models give their memory back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_kib: Option<u64>,
     /// The prompt size asked for, and what the server counted (`usage.prompt_tokens`).
     pub prompt_tokens_requested: u32,
     pub prompt_tokens: u32,

@@ -158,8 +158,11 @@ pub(super) async fn run(
                 let mut record = e.target.with_model(&m.name).run(args.endpoint, &workload.job(0, k), args.temperature, t0).await;
                 record.round = cycle;
                 record.model = Some(m.name.clone());
-                if e.spawned.as_ref().is_some_and(|s| s.kind == Kind::Paddock) {
-                    record.load_ms = paddock_load_ms(&e.target, &m.name).await;
+                if let Some(spawned) = &e.spawned {
+                    record.rss_kib = spawned.memory().map(|m| m.rss_kib);
+                    if spawned.kind == Kind::Paddock {
+                        record.load_ms = paddock_load_ms(&e.target, &m.name).await;
+                    }
                 }
                 records[t].push(record);
                 bar.inc(1);
