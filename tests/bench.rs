@@ -279,6 +279,8 @@ fn a_swap_run_times_every_cold_request_against_the_bare_load() {
             // A, B, A, B: each request names the model the last one did not.
             assert_eq!(r["model"], models[k % 2], "{r}");
             assert_eq!(r["output_tokens"], 3, "{r}");
+            // Every server's memory after each request, and the benchmark's with the model loaded.
+            assert!(r["rss_kib"].as_u64().unwrap() > 50_000, "{r}");
             let (ttft, e2e) = (r["ttft_ms"].as_f64().unwrap(), r["e2e_ms"].as_f64().unwrap());
             assert!(0.0 < ttft && ttft < e2e, "{r}");
         }

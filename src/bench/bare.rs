@@ -63,6 +63,9 @@ pub async fn first_token(name: &str, model: &Path, settings: ServerSettings, job
             record.tpot_ms = Some((record.e2e_ms - ttft) / (record.output_tokens - 1) as f64);
         }
     }
+    // With the model still loaded, as a server's sample after its request: if this grows from
+    // load to load, the engine itself leaves memory behind, whatever a server adds.
+    record.rss_kib = own_rss_kib();
     // Joining the engine thread blocks; the next measurement must start with it gone.
     let _ = tokio::task::spawn_blocking(move || thread.shutdown(Duration::from_secs(30))).await;
     record
@@ -95,6 +98,13 @@ async fn stream(
         }
     }
     Err("the generation ended without Done".into())
+}
+
+/// This process's resident memory (None where /proc is not there).
+fn own_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    line.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 fn ms(d: Duration) -> f64 {

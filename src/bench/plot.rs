@@ -64,7 +64,7 @@ fn write_swap(swap: &super::swap::SwapReport, path: &Path) -> Result<(), String>
         swap.targets.iter().map(|t| (t.target.clone(), line(t))).collect()
     };
     let ttft = per_request(|r| r.ok().then_some(r.ttft_ms).flatten());
-    // The reference has no server, hence no memory line.
+    // The reference's line is the benchmark's own process with the model loaded.
     let rss: Vec<Series> =
         per_request(|r| r.rss_kib.map(|k| k as f64 / 1024.0)).into_iter().filter(|(_, p)| !p.is_empty()).collect();
     let x_label = "request (each names the next model)";

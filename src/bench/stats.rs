@@ -18,7 +18,8 @@ pub struct RequestRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_ms: Option<f64>,
     /// The spawned server's resident memory right after the request (swap scenario), summed
-    /// over its processes: whether unloaded models give their memory back.
+    /// over its processes: whether unloaded models give their memory back. For the in-process
+    /// reference, the benchmark's own, with the model loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rss_kib: Option<u64>,
     /// The prompt size asked for, and what the server counted (`usage.prompt_tokens`).

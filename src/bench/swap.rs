@@ -223,3 +223,34 @@ async fn paddock_load_ms(target: &Target, model: &str) -> Option<f64> {
     let v = target.get_json(&format!("/api/instances/{model}")).await.ok()?;
     v.pointer("/model/load_ms").and_then(serde_json::Value::as_f64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_are_distinct_real_copies_with_names_both_servers_accept() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("My Model (v2).Q4.gguf");
+        std::fs::write(&source, b"GGUF weights").unwrap();
+        let models = copy_models(&source, &dir.path().join("swap"), 3).unwrap();
+        let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["My-Model--v2--Q4-swap1", "My-Model--v2--Q4-swap2", "My-Model--v2--Q4-swap3"]);
+        for m in &models {
+            crate::instance::validate_name(&m.name).unwrap();
+            // A file of its own, not a link: no server can see that the models are one.
+            let meta = std::fs::symlink_metadata(&m.path).unwrap();
+            assert!(meta.file_type().is_file());
+            assert_eq!(std::fs::read(&m.path).unwrap(), b"GGUF weights");
+            assert_eq!(m.path.file_stem().unwrap().to_str(), Some(m.name.as_str()), "llama-server's router id");
+        }
+        use std::os::unix::fs::MetadataExt;
+        let mut inodes: Vec<u64> = models.iter().map(|m| std::fs::metadata(&m.path).unwrap().ino()).collect();
+        inodes.push(std::fs::metadata(&source).unwrap().ino());
+        inodes.sort();
+        inodes.dedup();
+        assert_eq!(inodes.len(), 4, "no hard links either");
+        let e = copy_models(&dir.path().join("missing.gguf"), dir.path(), 2).err().unwrap().to_string();
+        assert!(e.contains("missing.gguf does not exist"), "{e}");
+    }
+}
