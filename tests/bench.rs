@@ -197,9 +197,9 @@ fn a_bad_target_is_a_clear_error_and_a_failure_not_a_panic() {
 /// llama-server to compare with, where it was built (`scripts/build-llama-tools`, or
 /// `PADDOCK_TEST_LLAMA_SERVER`); the swap tests check paddock alone without it.
 fn llama_server() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PADDOCK_TEST_LLAMA_SERVER").map(std::path::PathBuf::from).or_else(|| {
-        dirs::home_dir().map(|h| h.join(".cache/paddock/llama-tools/build/bin/llama-server"))
-    })?;
+    let path = std::env::var_os("PADDOCK_TEST_LLAMA_SERVER")
+        .map(std::path::PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".cache/paddock/llama-tools/build/bin/llama-server")))?;
     if path.is_file() {
         Some(path)
     } else {

@@ -51,8 +51,12 @@ pub async fn first_token(name: &str, model: &Path, settings: ServerSettings, job
     record.load_ms = Some(thread.engine().info().load_ms as f64);
     // What the servers' completions route builds from the same request: the prompt as text,
     // default sampling, exactly max_tokens.
-    let mut request =
-        GenerateRequest::new(Prompt::Text(job.prompt.clone()), SamplingParams::default(), Vec::new(), Some(job.max_tokens));
+    let mut request = GenerateRequest::new(
+        Prompt::Text(job.prompt.clone()),
+        SamplingParams::default(),
+        Vec::new(),
+        Some(job.max_tokens),
+    );
     request.ignore_eos = true;
     if let Err(e) = stream(&thread, request, start, &mut record).await {
         record.error = Some(e);

@@ -330,8 +330,7 @@ impl SseBuffer {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        loop {
-            let Some((end, sep)) = find_blank_line(&self.buf) else { break };
+        while let Some((end, sep)) = find_blank_line(&self.buf) {
             let event: Vec<u8> = self.buf.drain(..end + sep).collect();
             let event = String::from_utf8_lossy(&event[..end]);
             let data: Vec<&str> = event

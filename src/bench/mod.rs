@@ -245,7 +245,11 @@ struct SwapModels {
 }
 
 /// Starts the spawned servers and builds every target, in baseline-first order.
-async fn targets(args: &BenchArgs, settings: ServerSettings, swap: Option<&SwapModels>) -> Result<Vec<Entry>, BenchError> {
+async fn targets(
+    args: &BenchArgs,
+    settings: ServerSettings,
+    swap: Option<&SwapModels>,
+) -> Result<Vec<Entry>, BenchError> {
     let timeout = Duration::from_secs(args.request_timeout);
     let mut entries: Vec<Entry> = Vec::new();
     let mut spawns: Vec<(Kind, PathBuf, PathBuf)> = Vec::new();
@@ -534,7 +538,8 @@ async fn run_swap(
     let mut loaded = Vec::new();
     for e in &entries {
         let target = e.target.with_model(first);
-        let record = target.run(args.endpoint, &assumed.job(workload::WARMUP, 0), args.temperature, Instant::now()).await;
+        let record =
+            target.run(args.endpoint, &assumed.job(workload::WARMUP, 0), args.temperature, Instant::now()).await;
         if let Some(why) = record.error {
             return Err(BenchError::Warmup { name: format!("{} (model {first})", e.target.name), why });
         }

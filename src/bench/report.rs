@@ -235,7 +235,11 @@ pub fn table(report: &Report) -> String {
             if m.processes > 1 {
                 let _ = write!(out, ", summed over {} processes", m.processes);
             }
-            let _ = write!(out, ") · threads {} · context {} · slots {}", settings.threads, settings.ctx_size, settings.parallel);
+            let _ = write!(
+                out,
+                ") · threads {} · context {} · slots {}",
+                settings.threads, settings.ctx_size, settings.parallel
+            );
             if let Some(r) = t.memory_ratio {
                 let _ = write!(out, " · {r:.2}× {base_memory}");
             }
@@ -269,8 +273,7 @@ fn swap_table(out: &mut String, swap: &SwapReport, base: &str) {
     );
     for t in &swap.targets {
         let s = &t.summary;
-        let ttft =
-            s.ttft_ms.map(|d| format!("{:.1}/{:.1}/{:.1}", d.p50, d.p90, d.max)).unwrap_or_else(|| "-".into());
+        let ttft = s.ttft_ms.map(|d| format!("{:.1}/{:.1}/{:.1}", d.p50, d.p90, d.max)).unwrap_or_else(|| "-".into());
         // Memory after the first and the last request: growth means unloads leave memory behind.
         let rss: Vec<f64> = t.requests.iter().filter_map(|r| r.rss_kib).map(|k| k as f64 / 1024.0).collect();
         let rss = match (rss.first(), rss.last()) {

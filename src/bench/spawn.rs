@@ -92,7 +92,12 @@ pub struct SpawnInfo {
 impl Spawned {
     /// Starts `kind` serving `serve` and returns once the process runs (not yet ready: see
     /// [`Spawned::wait_ready`]).
-    pub fn start(kind: Kind, program: &Path, serve: Serve<'_>, settings: ServerSettings) -> Result<Spawned, BenchError> {
+    pub fn start(
+        kind: Kind,
+        program: &Path,
+        serve: Serve<'_>,
+        settings: ServerSettings,
+    ) -> Result<Spawned, BenchError> {
         let fail = |why: String| BenchError::Spawn { kind: kind.name(), why };
         match serve {
             Serve::One(model) if !model.is_file() => {
@@ -315,20 +320,25 @@ mod tests {
     #[test]
     fn a_missing_model_or_program_is_a_spawn_error() {
         let settings = ServerSettings { threads: 1, ctx_size: 512, parallel: 1 };
-        let e = Spawned::start(Kind::Paddock, Path::new("/bin/true"), Serve::One(Path::new("/nonexistent.gguf")), settings)
-            .err()
-            .unwrap()
-            .to_string();
+        let e =
+            Spawned::start(Kind::Paddock, Path::new("/bin/true"), Serve::One(Path::new("/nonexistent.gguf")), settings)
+                .err()
+                .unwrap()
+                .to_string();
         assert!(e.contains("/nonexistent.gguf") && e.contains("paddock"), "{e}");
         let many = Serve::Many { dir: Path::new("/nonexistent-dir"), max_loaded: 1 };
         let e = Spawned::start(Kind::LlamaServer, Path::new("/bin/true"), many, settings).err().unwrap().to_string();
         assert!(e.contains("model directory /nonexistent-dir"), "{e}");
         let model = tempfile::NamedTempFile::new().unwrap();
-        let e =
-            Spawned::start(Kind::LlamaServer, Path::new("/nonexistent/llama-server"), Serve::One(model.path()), settings)
-                .err()
-                .unwrap()
-                .to_string();
+        let e = Spawned::start(
+            Kind::LlamaServer,
+            Path::new("/nonexistent/llama-server"),
+            Serve::One(model.path()),
+            settings,
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("cannot run /nonexistent/llama-server"), "{e}");
     }
 

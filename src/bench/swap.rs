@@ -133,7 +133,11 @@ pub(super) async fn run(
     // before the clock runs, and (max_loaded < N) the last ones are loaded, the first not.
     for e in entries {
         for (i, m) in models.iter().enumerate() {
-            let record = e.target.with_model(&m.name).run(args.endpoint, &workload.job(workload::WARMUP, i), args.temperature, Instant::now()).await;
+            let record = e
+                .target
+                .with_model(&m.name)
+                .run(args.endpoint, &workload.job(workload::WARMUP, i), args.temperature, Instant::now())
+                .await;
             if let Some(why) = record.error {
                 return Err(BenchError::Warmup { name: format!("{} (model {})", e.target.name, m.name), why });
             }
@@ -141,7 +145,8 @@ pub(super) async fn run(
     }
     // The first engine of a process initialises llama.cpp's backend, which no server pays again.
     let first = &models[0];
-    let record = bare::first_token(&first.name, &first.path, settings, &workload.job(workload::WARMUP, 0), Instant::now()).await;
+    let record =
+        bare::first_token(&first.name, &first.path, settings, &workload.job(workload::WARMUP, 0), Instant::now()).await;
     if let Some(why) = record.error {
         return Err(BenchError::Warmup { name: BARE.into(), why });
     }
@@ -155,7 +160,8 @@ pub(super) async fn run(
             bar.set_message(format!("swap · {} · cycle {}", e.target.name, cycle + 1));
             for &k in &ks {
                 let m = &models[k % n];
-                let mut record = e.target.with_model(&m.name).run(args.endpoint, &workload.job(0, k), args.temperature, t0).await;
+                let mut record =
+                    e.target.with_model(&m.name).run(args.endpoint, &workload.job(0, k), args.temperature, t0).await;
                 record.round = cycle;
                 record.model = Some(m.name.clone());
                 if let Some(spawned) = &e.spawned {
