@@ -323,6 +323,7 @@ fn with_every_model_loaded_nothing_swaps_and_memory_covers_all() {
     assert_eq!(swap["cold"], false);
     for t in swap["targets"].as_array().unwrap() {
         assert_eq!(t["summary"]["errors"], 0, "{t}");
+        assert!(t["over_bare"].is_null(), "loaded models are not held against a load: {t}");
     }
     let targets = report["targets"].as_array().unwrap();
     for t in targets {

@@ -104,7 +104,8 @@ pub struct SwapTarget {
     pub load_ms: Option<Distribution>,
     /// Against the first server (None for it and for the reference).
     pub ratios: Option<Ratios>,
-    /// How much later than the in-process reference the first token came (None for it).
+    /// How much later than the in-process reference the first token came (None for it, and
+    /// when nothing swaps).
     pub over_bare: Option<OverBare>,
     pub requests: Vec<RequestRecord>,
 }
@@ -207,7 +208,9 @@ pub(super) async fn run(
         if let (Some(base), true) = (&base, i > 0) {
             t.ratios = Some(Ratios::of(&t.summary, base));
         }
-        if let (Some(b), Some(d)) = (bare_ttft, t.summary.ttft_ms) {
+        // Without swaps a server's first tokens come from loaded models: no load to compare.
+        let cold = (max_loaded as usize) < n;
+        if let (Some(b), Some(d), true) = (bare_ttft, t.summary.ttft_ms, cold) {
             t.over_bare = Some(OverBare {
                 ttft_p50_ms: d.p50 - b.p50,
                 ttft_p90_ms: d.p90 - b.p90,
