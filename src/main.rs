@@ -80,8 +80,10 @@ fn long_version() -> &'static str {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The benchmark prints its table on stdout; only warnings may join it.
-    let default_log = if matches!(cli.command, Command::Bench(_)) { "warn" } else { "info,llama-cpp-2=warn" };
+    // The benchmark prints its table on stdout; only warnings may join it. Its swap scenario
+    // loads models in-process, whose llama.cpp load warnings are not the benchmark's.
+    let default_log =
+        if matches!(cli.command, Command::Bench(_)) { "warn,llama-cpp-2=error" } else { "info,llama-cpp-2=warn" };
     paddock::logs::init_tracing(default_log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -193,3 +193,165 @@ fn a_bad_target_is_a_clear_error_and_a_failure_not_a_panic() {
         assert!(!text.contains("panicked"), "{text}");
     }
 }
+
+/// llama-server to compare with, where it was built (`scripts/build-llama-tools`, or
+/// `PADDOCK_TEST_LLAMA_SERVER`); the swap tests check paddock alone without it.
+fn llama_server() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PADDOCK_TEST_LLAMA_SERVER")
+        .map(std::path::PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".cache/paddock/llama-tools/build/bin/llama-server")))?;
+    if path.is_file() {
+        Some(path)
+    } else {
+        eprintln!("no llama-server at {}: the swap tests measure paddock alone", path.display());
+        None
+    }
+}
+
+/// `paddock bench --swap-models 2` with `extra` flags, against a spawned paddock and, where
+/// there is one, llama-server's router; returns the JSON report and the SVG.
+fn swap_run(extra: &[&str]) -> (Value, String, bool) {
+    let model = common::model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let (json_path, svg_path) = (dir.path().join("swap.json"), dir.path().join("swap.svg"));
+    let llama = llama_server();
+    let mut args: Vec<String> = Vec::new();
+    if let Some(bin) = &llama {
+        args.extend(["--spawn-llama-server".into(), bin.to_string_lossy().into_owned()]);
+    }
+    args.extend(
+        [
+            "--spawn-paddock",
+            model.to_str().unwrap(),
+            "--swap-models=2",
+            "--threads=2",
+            "--ctx-size=512",
+            "--parallel=1",
+            "--prompt-tokens=16",
+            "--max-tokens=3",
+            "--quiet",
+            "--json",
+            json_path.to_str().unwrap(),
+            "--plot",
+            svg_path.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, text) = bench(&args);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("swap: 2 models"), "{stdout}");
+    (read_json(&json_path), std::fs::read_to_string(&svg_path).unwrap(), llama.is_some())
+}
+
+/// The servers' names in report order, then the in-process reference's.
+fn swap_names(with_llama: bool) -> Vec<&'static str> {
+    let mut names = if with_llama { vec!["llama-server"] } else { vec![] };
+    names.extend(["paddock", "bare load"]);
+    names
+}
+
+#[test]
+fn a_swap_run_times_every_cold_request_against_the_bare_load() {
+    let (report, svg, with_llama) = swap_run(&["--requests=4"]);
+    assert_eq!(report["config"]["mode"], "swap");
+    assert_eq!(report["config"]["swap_models"], 2);
+    assert_eq!(report["config"]["max_loaded"], 1);
+    assert!(report["results"].as_array().unwrap().is_empty(), "no sweep in the swap scenario");
+    let swap = &report["swap"];
+    let models: Vec<&str> = swap["models"].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
+    assert_eq!(models.len(), 2);
+    assert_ne!(models[0], models[1]);
+    assert_eq!(swap["max_loaded"], 1);
+    assert_eq!(swap["cold"], true);
+    let targets = swap["targets"].as_array().unwrap();
+    let names: Vec<&str> = targets.iter().map(|t| t["target"].as_str().unwrap()).collect();
+    assert_eq!(names, swap_names(with_llama));
+    for (i, t) in targets.iter().enumerate() {
+        let s = &t["summary"];
+        assert_eq!((s["requests"].as_u64(), s["errors"].as_u64()), (Some(4), Some(0)), "{s}");
+        assert!(s["ttft_ms"]["p50"].as_f64().unwrap() > 0.0, "{s}");
+        let requests = t["requests"].as_array().unwrap();
+        for (k, r) in requests.iter().enumerate() {
+            assert!(r["error"].is_null(), "{r}");
+            // A, B, A, B: each request names the model the last one did not.
+            assert_eq!(r["model"], models[k % 2], "{r}");
+            assert_eq!(r["output_tokens"], 3, "{r}");
+            // Every server's memory after each request, and the benchmark's with the model loaded.
+            assert!(r["rss_kib"].as_u64().unwrap() > 50_000, "{r}");
+            let (ttft, e2e) = (r["ttft_ms"].as_f64().unwrap(), r["e2e_ms"].as_f64().unwrap());
+            assert!(0.0 < ttft && ttft < e2e, "{r}");
+        }
+        let paddock_or_bare = matches!(names[i], "paddock" | "bare load");
+        // Paddock and the engine say how long each load took, and it is part of the TTFT.
+        if paddock_or_bare {
+            for r in requests {
+                let load = r["load_ms"].as_f64().unwrap_or_else(|| panic!("no load_ms: {r}"));
+                assert!(load > 0.0 && load < r["ttft_ms"].as_f64().unwrap(), "{r}");
+            }
+            assert!(t["load_ms"]["p50"].as_f64().unwrap() > 0.0, "{t}");
+        }
+        match names[i] {
+            "bare load" => assert!(t["ratios"].is_null() && t["over_bare"].is_null(), "{t}"),
+            _ => assert!(t["over_bare"]["ttft_p50_ratio"].as_f64().unwrap() > 0.0, "{t}"),
+        }
+        // Ratios against the first server, for the others.
+        assert_eq!(t["ratios"].is_null(), i == 0 || names[i] == "bare load", "{t}");
+    }
+    // Memory of every spawned server, summed over its processes: the router's include the
+    // child serving the loaded model.
+    for t in report["targets"].as_array().unwrap() {
+        let memory = &t["spawned"]["memory"];
+        assert!(memory["rss_kib"].as_u64().unwrap() > 50_000, "the model is resident: {t}");
+        let processes = memory["processes"].as_u64().unwrap();
+        assert_eq!(processes, if t["name"] == "llama-server" { 2 } else { 1 }, "{t}");
+        let pid = t["spawned"]["pid"].as_u64().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{} {pid} still runs", t["name"]);
+    }
+    let doc = roxmltree::Document::parse(&svg).expect("the plot is well-formed XML");
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).map(str::trim).collect();
+    assert!(texts.contains(&"bare load") && texts.contains(&"paddock"), "{texts:?}");
+    assert!(texts.iter().any(|t| t.contains("Swap: time to first token")), "{texts:?}");
+}
+
+#[test]
+fn with_every_model_loaded_nothing_swaps_and_memory_covers_all() {
+    let (report, _, with_llama) = swap_run(&["--requests=2", "--max-loaded=2"]);
+    let swap = &report["swap"];
+    assert_eq!(swap["cold"], false);
+    for t in swap["targets"].as_array().unwrap() {
+        assert_eq!(t["summary"]["errors"], 0, "{t}");
+        assert!(t["over_bare"].is_null(), "loaded models are not held against a load: {t}");
+    }
+    let targets = report["targets"].as_array().unwrap();
+    for t in targets {
+        let memory = &t["spawned"]["memory"];
+        // The router and one server per model, all still loaded.
+        assert_eq!(memory["processes"], if t["name"] == "llama-server" { 3 } else { 1 }, "{t}");
+        assert!(memory["rss_kib"].as_u64().unwrap() > 100_000, "{t}");
+    }
+    if with_llama {
+        assert!(targets[0]["memory_ratio"].is_null());
+        assert!(targets[1]["memory_ratio"].as_f64().unwrap() > 0.0, "{}", targets[1]);
+    }
+}
+
+#[test]
+fn swap_flags_that_cannot_work_are_refused() {
+    let model = common::model_path();
+    let model = model.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--spawn-paddock", model, "--swap-models=1"], "at least 2"),
+        (&["--spawn-paddock", model, "--swap-models=2", "--max-loaded=3"], "--max-loaded must be between 1 and"),
+        (&["--target", "a=http://127.0.0.1:1", "--swap-models=2"], "cannot be used with"),
+        (&["--spawn-paddock", model, "--max-loaded=2"], "--swap-models"),
+        (&["--spawn-paddock", model, "--swap-models=2", "--rate=1"], "cannot be used with"),
+    ];
+    for (args, want) in cases {
+        let (out, text) = bench(&[args, &["--quiet"]].concat());
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(text.contains(want), "{args:?}: {want:?} missing from {text}");
+    }
+}

@@ -142,6 +142,42 @@ impl Target {
         Err(ProbeError::Status(status.as_u16(), text))
     }
 
+    /// The same server asked for another `model` (one of a multi-model server's), sharing the
+    /// connection pool.
+    pub fn with_model(&self, model: &str) -> Target {
+        Target { model: model.to_string(), ..self.clone() }
+    }
+
+    /// GET `path` answers 2xx.
+    pub async fn get(&self, path: &str) -> Result<(), ProbeError> {
+        self.get_json(path).await.map(|_| ())
+    }
+
+    /// GET `path`'s JSON body (Null if it is not JSON), if it answers 2xx.
+    pub async fn get_json(&self, path: &str) -> Result<Value, ProbeError> {
+        let mut request = self.client.get(format!("{}{path}", self.base));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| ProbeError::Unreachable(error_chain(&e)))?;
+        Self::answer(response).await
+    }
+
+    /// POST `body` to `path`; its JSON answer if it is 2xx.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ProbeError> {
+        let response = self.post(path, body).send().await.map_err(|e| ProbeError::Unreachable(error_chain(&e)))?;
+        Self::answer(response).await
+    }
+
+    async fn answer(response: reqwest::Response) -> Result<Value, ProbeError> {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
+        }
+        Err(ProbeError::Status(status.as_u16(), text.chars().take(300).collect()))
+    }
+
     /// Token count of `text` by the target's own tokenizer, if it has llama-server's
     /// `/tokenize` (at its root, or paddock's per-instance `/llama-cpp/{model}/tokenize`).
     pub async fn count_tokens(&self, text: &str) -> Option<usize> {
@@ -294,8 +330,7 @@ impl SseBuffer {
     pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
-        loop {
-            let Some((end, sep)) = find_blank_line(&self.buf) else { break };
+        while let Some((end, sep)) = find_blank_line(&self.buf) {
             let event: Vec<u8> = self.buf.drain(..end + sep).collect();
             let event = String::from_utf8_lossy(&event[..end]);
             let data: Vec<&str> = event

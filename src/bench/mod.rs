@@ -6,6 +6,7 @@
 //! - [`spawn`]: servers the benchmark starts itself (paddock, llama-server) and kills after.
 //! - [`stats`]: per-request records, percentiles, summaries, ratios.
 //! - [`report`]: the JSON document and the printed table; [`plot`]: the SVG.
+//! - [`swap`]: the cold-start scenario (`--swap-models`), against [`bare`], an in-process load.
 //!
 //! A run: start the spawned servers and probe every target; calibrate prompt sizes with the
 //! first target's tokenizer; warm each target up; then for each sweep point run rounds of
@@ -13,12 +14,17 @@
 //! closed loop of N streams or open-loop Poisson arrivals; finally sample the spawned servers'
 //! memory, summarise, print, write JSON and SVG. Every spawned server is killed when the run
 //! ends, fails or is interrupted, because the guards live in the run's future.
+//!
+//! With `--swap-models N` the sweep gives way to the swap scenario: the spawned servers serve N
+//! copies of the model, at most `--max-loaded` at once, and requests go to each in turn.
 
+pub mod bare;
 pub mod client;
 pub mod plot;
 pub mod report;
 pub mod spawn;
 pub mod stats;
+pub mod swap;
 pub mod workload;
 
 use std::path::PathBuf;
@@ -31,7 +37,7 @@ use parking_lot::Mutex;
 
 use client::{Endpoint, Target, TargetSpec};
 use report::{Machine, PointResult, Report, RunConfig, TargetInfo, TurnRecord};
-use spawn::{Kind, ServerSettings, SpawnInfo, Spawned};
+use spawn::{Kind, Serve, ServerSettings, SpawnInfo, Spawned};
 use stats::RequestRecord;
 use workload::{Calibration, Point, Span, Workload};
 
@@ -50,6 +56,8 @@ pub enum BenchError {
     Warmup { name: String, why: String },
     #[error("cannot write {path}: {why}")]
     Output { path: PathBuf, why: String },
+    #[error("cannot make the swap models in {dir}: {why}")]
+    Models { dir: PathBuf, why: String },
     #[error("interrupted")]
     Interrupted,
 }
@@ -137,6 +145,18 @@ pub struct BenchArgs {
     /// Parallel slots of spawned servers [default: the largest concurrency, or 4].
     #[arg(long)]
     pub parallel: Option<u32>,
+    /// Swap scenario instead of the sweep: the spawned servers get N copies of the model under
+    /// distinct names (paddock as instances started on demand, llama-server in router mode with
+    /// --models-dir), and --requests requests, one at a time, name them in turn A, B, C, A…, so
+    /// each one loads its model first. Reports TTFT (including the load) against the first
+    /// target and against loading the model in-process with no server ("bare load").
+    #[arg(long, value_name = "N", conflicts_with_all = ["rate", "duration", "url", "targets"])]
+    pub swap_models: Option<usize>,
+    /// With --swap-models: how many models a server keeps loaded (paddock's
+    /// max_running_instances, llama-server's --models-max). At N nothing is unloaded, and the
+    /// memory sampled at the end is that of N models loaded.
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "swap_models")]
+    pub max_loaded: u32,
 }
 
 /// Runs the benchmark; Ctrl-C stops it, and dropping the run kills what it spawned.
@@ -174,6 +194,21 @@ fn check(args: &BenchArgs) -> Result<Vec<Point>, BenchError> {
     if args.turns == 0 {
         return usage("--turns must be at least 1");
     }
+    if let Some(n) = args.swap_models {
+        if args.spawn_paddock.is_none() && args.spawn_llama_server.is_none() {
+            return usage("--swap-models sets up the servers itself: give --spawn-paddock and/or --spawn-llama-server");
+        }
+        if n < 2 {
+            return usage("--swap-models must be at least 2: a swap needs two models");
+        }
+        if args.max_loaded == 0 || args.max_loaded as usize > n {
+            return usage("--max-loaded must be between 1 and --swap-models");
+        }
+        if args.spawn_model.as_ref().zip(args.spawn_paddock.as_ref()).is_some_and(|(a, b)| a != b) {
+            return usage("--swap-models copies one model for both servers: --spawn-model must be --spawn-paddock's");
+        }
+        return Ok(Vec::new());
+    }
     let points: Vec<Point> = if args.rate.is_empty() {
         if args.concurrency.contains(&0) {
             return usage("--concurrency values must be at least 1");
@@ -203,8 +238,18 @@ fn settings(args: &BenchArgs, points: &[Point]) -> ServerSettings {
     }
 }
 
+/// The swap scenario's models, in a directory deleted after the servers are gone.
+struct SwapModels {
+    models: Vec<swap::SwapModel>,
+    _dir: tempfile::TempDir,
+}
+
 /// Starts the spawned servers and builds every target, in baseline-first order.
-async fn targets(args: &BenchArgs, settings: ServerSettings) -> Result<Vec<Entry>, BenchError> {
+async fn targets(
+    args: &BenchArgs,
+    settings: ServerSettings,
+    swap: Option<&SwapModels>,
+) -> Result<Vec<Entry>, BenchError> {
     let timeout = Duration::from_secs(args.request_timeout);
     let mut entries: Vec<Entry> = Vec::new();
     let mut spawns: Vec<(Kind, PathBuf, PathBuf)> = Vec::new();
@@ -218,14 +263,27 @@ async fn targets(args: &BenchArgs, settings: ServerSettings) -> Result<Vec<Entry
     }
     // Start all first, then wait for all: the servers load their models at the same time.
     for (kind, program, model) in spawns {
-        let spawned = Spawned::start(kind, &program, &model, settings)?;
+        let serve = match swap {
+            Some(s) => Serve::Many { dir: s._dir.path(), max_loaded: args.max_loaded },
+            None => Serve::One(&model),
+        };
+        let spawned = Spawned::start(kind, &program, serve, settings)?;
         let spec = TargetSpec { name: kind.name().into(), url: spawned.url.clone(), model: None, api_key: None };
-        let target = Target::new(&spec, &spawned.model, timeout)?;
+        let default_model = swap.map_or(spawned.model.as_str(), |s| s.models[0].name.as_str());
+        let target = Target::new(&spec, default_model, timeout)?;
         entries.push(Entry { target, spawned: Some(spawned) });
     }
     for entry in &mut entries {
-        if let Some(spawned) = &mut entry.spawned {
+        let Some(spawned) = &mut entry.spawned else { continue };
+        let Some(swap) = swap else {
             spawned.wait_ready(&entry.target, args.endpoint, Duration::from_secs(300)).await?;
+            continue;
+        };
+        // Nothing is loaded yet, and a completion request would load a model: wait for the
+        // listener, then (paddock) create the instances.
+        spawned.wait_listening(&entry.target, "/health", Duration::from_secs(60)).await?;
+        if spawned.kind == Kind::Paddock {
+            swap::create_instances(&entry.target, &swap.models, settings).await?;
         }
     }
     let mut specs: Vec<TargetSpec> = Vec::new();
@@ -256,10 +314,10 @@ async fn targets(args: &BenchArgs, settings: ServerSettings) -> Result<Vec<Entry
 }
 
 /// Words per token, measured with the first target that has a tokenizer route.
-async fn calibrate(entries: &[Entry], seed: u64) -> Calibration {
+async fn calibrate(targets: &[Target], seed: u64) -> Calibration {
     let [short, long] = workload::calibration_texts(seed);
-    for e in entries {
-        let (Some(a), Some(b)) = (e.target.count_tokens(&short.1).await, e.target.count_tokens(&long.1).await) else {
+    for target in targets {
+        let (Some(a), Some(b)) = (target.count_tokens(&short.1).await, target.count_tokens(&long.1).await) else {
             continue;
         };
         if let Some(c) = Calibration::measured((short.0, a), (long.0, b)) {
@@ -363,8 +421,21 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     let points = check(&args)?;
     let settings = settings(&args, &points);
     let started_at = chrono::Utc::now().to_rfc3339();
-    let mut entries = targets(&args, settings).await?;
-    let calibration = calibrate(&entries, args.seed).await;
+    let swap_models = match args.swap_models {
+        Some(n) => {
+            let source = args.spawn_paddock.clone().or_else(|| args.spawn_model.clone()).unwrap_or_default();
+            let dir = tempfile::Builder::new().prefix("paddock-bench-models-").tempdir().map_err(|e| {
+                BenchError::Models { dir: std::env::temp_dir(), why: format!("cannot create a directory: {e}") }
+            })?;
+            Some(SwapModels { models: swap::copy_models(&source, dir.path(), n)?, _dir: dir })
+        }
+        None => None,
+    };
+    let entries = targets(&args, settings, swap_models.as_ref()).await?;
+    if let Some(swap) = &swap_models {
+        return run_swap(&args, entries, swap, settings, started_at).await;
+    }
+    let calibration = calibrate(&entries.iter().map(|e| e.target.clone()).collect::<Vec<_>>(), args.seed).await;
     let workload =
         Workload { prompt_tokens: args.prompt_tokens, max_tokens: args.max_tokens, seed: args.seed, calibration };
 
@@ -420,22 +491,7 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     }
     bar.finish_and_clear();
 
-    let mut infos = Vec::with_capacity(n);
-    for e in &mut entries {
-        let spawned = e.spawned.as_ref().map(|s| SpawnInfo {
-            kind: s.kind,
-            pid: s.pid(),
-            command: s.command.clone(),
-            settings,
-            memory: s.memory(),
-        });
-        infos.push(TargetInfo {
-            name: e.target.name.clone(),
-            url: e.target.base.clone(),
-            model: e.target.model.clone(),
-            spawned,
-        });
-    }
+    let infos = target_infos(&entries, settings);
     // The servers are not needed any more: stop them before writing files.
     drop(entries);
 
@@ -448,39 +504,131 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
             PointResult::new(point, per_target)
         })
         .collect();
+    let mode = if args.rate.is_empty() { "closed_loop" } else { "open_loop" };
     let report = Report {
         paddock_version: crate::build::VERSION,
         started_at,
         machine: Machine::this(),
-        config: RunConfig {
-            endpoint: args.endpoint,
-            mode: if args.rate.is_empty() { "closed_loop" } else { "open_loop" },
-            points,
-            prompt_tokens: args.prompt_tokens,
-            max_tokens: args.max_tokens,
-            requests: args.duration.is_none().then_some(args.requests),
-            duration_s: args.duration,
-            warmup: args.warmup,
-            turns: args.turns,
-            seed: args.seed,
-            temperature: args.temperature,
-        },
+        config: run_config(&args, mode, points),
         calibration,
         targets: infos,
         turns,
         results,
+        swap: None,
     };
-    print!("{}", report::table(&report));
-    let errors: usize = report.results.iter().flat_map(|p| &p.targets).map(|t| t.summary.errors).sum();
+    write_report(&args, &report)
+}
+
+/// The swap scenario on servers that are up with `swap`'s models: warm-up, cycles, report.
+async fn run_swap(
+    args: &BenchArgs,
+    entries: Vec<Entry>,
+    swap: &SwapModels,
+    settings: ServerSettings,
+    started_at: String,
+) -> Result<(), BenchError> {
+    // Prompts are sized with a tokenizer of a running model, so after a first request to it.
+    let first = &swap.models[0].name;
+    let assumed = Workload {
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+        calibration: Calibration::ASSUMED,
+    };
+    let mut loaded = Vec::new();
+    for e in &entries {
+        let target = e.target.with_model(first);
+        let record =
+            target.run(args.endpoint, &assumed.job(workload::WARMUP, 0), args.temperature, Instant::now()).await;
+        if let Some(why) = record.error {
+            return Err(BenchError::Warmup { name: format!("{} (model {first})", e.target.name), why });
+        }
+        loaded.push(target);
+    }
+    let calibration = calibrate(&loaded, args.seed).await;
+    let workload = Workload { calibration, ..assumed };
+    let total = args.requests as u64 * (entries.len() as u64 + 1);
+    let bar = progress(args, Some(total));
+    let result = swap::run(args, &entries, &swap.models, settings, &workload, &bar).await;
+    bar.finish_and_clear();
+    let swap_report = result?;
+    let infos = target_infos(&entries, settings);
+    drop(entries);
+    let report = Report {
+        paddock_version: crate::build::VERSION,
+        started_at,
+        machine: Machine::this(),
+        config: run_config(args, "swap", Vec::new()),
+        calibration,
+        targets: infos,
+        turns: Vec::new(),
+        results: Vec::new(),
+        swap: Some(swap_report),
+    };
+    write_report(args, &report)
+}
+
+fn run_config(args: &BenchArgs, mode: &'static str, points: Vec<Point>) -> RunConfig {
+    RunConfig {
+        endpoint: args.endpoint,
+        mode,
+        points,
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        requests: args.duration.is_none().then_some(args.requests),
+        duration_s: args.duration,
+        warmup: args.warmup,
+        turns: args.turns,
+        seed: args.seed,
+        temperature: args.temperature,
+        swap_models: args.swap_models,
+        max_loaded: args.swap_models.map(|_| args.max_loaded),
+    }
+}
+
+/// Each target as the report shows it, with the spawned servers' memory sampled now and its
+/// ratio to the first spawned server's.
+fn target_infos(entries: &[Entry], settings: ServerSettings) -> Vec<TargetInfo> {
+    let mut infos: Vec<TargetInfo> = entries
+        .iter()
+        .map(|e| TargetInfo {
+            name: e.target.name.clone(),
+            url: e.target.base.clone(),
+            model: e.target.model.clone(),
+            spawned: e.spawned.as_ref().map(|s| SpawnInfo {
+                kind: s.kind,
+                pid: s.pid(),
+                command: s.command.clone(),
+                settings,
+                memory: s.memory(),
+            }),
+            memory_ratio: None,
+        })
+        .collect();
+    let rss = |i: &TargetInfo| i.spawned.as_ref().and_then(|s| s.memory).map(|m| m.rss_kib as f64);
+    if let Some(base) = infos.iter().find_map(rss) {
+        for info in infos.iter_mut().skip_while(|i| rss(i).is_none()).skip(1) {
+            info.memory_ratio = rss(info).map(|r| r / base);
+        }
+    }
+    infos
+}
+
+/// Prints the table and writes the JSON and the plot.
+fn write_report(args: &BenchArgs, report: &Report) -> Result<(), BenchError> {
+    print!("{}", report::table(report));
+    let swap_targets = report.swap.iter().flat_map(|s| &s.targets).map(|t| &t.summary);
+    let errors: usize =
+        report.results.iter().flat_map(|p| &p.targets).map(|t| &t.summary).chain(swap_targets).map(|s| s.errors).sum();
     if errors > 0 {
         eprintln!("paddock bench: {errors} requests failed (see the table and the JSON)");
     }
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| output_error(path, e))?;
+        let text = serde_json::to_string_pretty(report).map_err(|e| output_error(path, e))?;
         std::fs::write(path, text + "\n").map_err(|e| output_error(path, e))?;
     }
     if let Some(path) = &args.plot {
-        plot::write(&report, path).map_err(|e| output_error(path, e))?;
+        plot::write(report, path).map_err(|e| output_error(path, e))?;
     }
     Ok(())
 }

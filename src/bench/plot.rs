@@ -1,5 +1,6 @@
 //! `--plot FILE.svg`: aggregate output tok/s and TTFT p50 against the sweep's x (concurrency
-//! or request rate), one line per target. SVG only: plotters' bitmap and font backends would
+//! or request rate), one line per target; in the swap scenario, each request's TTFT (one line
+//! per target and one for the in-process reference) and each server's memory after it. SVG only: plotters' bitmap and font backends would
 //! pull in system libraries, and SVG text needs no font at draw time.
 
 use std::path::Path;
@@ -38,6 +39,9 @@ fn series(report: &Report, y: impl Fn(&super::stats::Summary) -> Option<f64>) ->
 }
 
 pub fn write(report: &Report, path: &Path) -> Result<(), String> {
+    if let Some(swap) = &report.swap {
+        return write_swap(swap, path);
+    }
     let x_label = match report.config.mode {
         "open_loop" => "request rate (req/s)",
         _ => "concurrent streams",
@@ -49,6 +53,26 @@ pub fn write(report: &Report, path: &Path) -> Result<(), String> {
     let (left, right) = root.split_horizontally(550);
     panel(&left, "Aggregate output tokens/s", x_label, "tokens/s", &throughput)?;
     panel(&right, "Time to first token, p50", x_label, "ms", &ttft)?;
+    root.present().map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn write_swap(swap: &super::swap::SwapReport, path: &Path) -> Result<(), String> {
+    let per_request = |f: fn(&super::stats::RequestRecord) -> Option<f64>| -> Vec<Series> {
+        let line = |t: &super::swap::SwapTarget| {
+            t.requests.iter().enumerate().filter_map(|(i, r)| f(r).map(|y| ((i + 1) as f64, y))).collect()
+        };
+        swap.targets.iter().map(|t| (t.target.clone(), line(t))).collect()
+    };
+    let ttft = per_request(|r| r.ok().then_some(r.ttft_ms).flatten());
+    // The reference's line is the benchmark's own process with the model loaded.
+    let rss: Vec<Series> =
+        per_request(|r| r.rss_kib.map(|k| k as f64 / 1024.0)).into_iter().filter(|(_, p)| !p.is_empty()).collect();
+    let x_label = "request (each names the next model)";
+    let root = SVGBackend::new(path, (1100, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(550);
+    panel(&left, "Swap: time to first token", x_label, "ms", &ttft)?;
+    panel(&right, "Resident memory after each request", x_label, "MiB", &rss)?;
     root.present().map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 

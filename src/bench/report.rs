@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::client::Endpoint;
 use super::spawn::SpawnInfo;
 use super::stats::{Distribution, Ratios, RequestRecord, Summary};
+use super::swap::SwapReport;
 use super::workload::{Calibration, Point, Span};
 
 /// Everything one run measured, as `--json` writes it.
@@ -22,8 +23,11 @@ pub struct Report {
     pub targets: Vec<TargetInfo>,
     /// Every round of every target, in the order they ran.
     pub turns: Vec<TurnRecord>,
-    /// One entry per sweep point.
+    /// One entry per sweep point (none in the swap scenario).
     pub results: Vec<PointResult>,
+    /// The swap scenario's results (`--swap-models`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap: Option<SwapReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,7 +59,8 @@ impl Machine {
 #[derive(Debug, Serialize)]
 pub struct RunConfig {
     pub endpoint: Endpoint,
-    /// `closed_loop` (concurrency sweep) or `open_loop` (Poisson arrivals at each rate).
+    /// `closed_loop` (concurrency sweep), `open_loop` (Poisson arrivals at each rate) or
+    /// `swap` (`--swap-models`: no sweep points).
     pub mode: &'static str,
     pub points: Vec<Point>,
     pub prompt_tokens: Span,
@@ -69,6 +74,11 @@ pub struct RunConfig {
     pub turns: usize,
     pub seed: u64,
     pub temperature: Option<f32>,
+    /// Models each spawned server swaps between, and how many it keeps loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swap_models: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_loaded: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,6 +88,8 @@ pub struct TargetInfo {
     pub model: String,
     /// Set when the benchmark started this server itself.
     pub spawned: Option<SpawnInfo>,
+    /// Its resident memory over the first spawned server's (None for that one, or without).
+    pub memory_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,23 +215,93 @@ pub fn table(report: &Report) -> String {
             }
         }
     }
+    if let Some(swap) = &report.swap {
+        swap_table(&mut out, swap, base);
+    }
     let spawned: Vec<&TargetInfo> = report.targets.iter().filter(|t| t.spawned.is_some()).collect();
     if !spawned.is_empty() {
         out.push('\n');
     }
+    let base_memory = spawned.first().map(|t| t.name.as_str()).unwrap_or("");
     for t in spawned {
         if let Some(SpawnInfo { memory: Some(m), settings, .. }) = &t.spawned {
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "{}: resident memory {:.1} MiB (peak {:.1} MiB) · threads {} · context {} · slots {}",
+                "{}: resident memory {:.1} MiB (peak {:.1} MiB",
                 t.name,
                 m.rss_kib as f64 / 1024.0,
-                m.peak_rss_kib as f64 / 1024.0,
-                settings.threads,
-                settings.ctx_size,
-                settings.parallel
+                m.peak_rss_kib as f64 / 1024.0
             );
+            if m.processes > 1 {
+                let _ = write!(out, ", summed over {} processes", m.processes);
+            }
+            let _ = write!(
+                out,
+                ") · threads {} · context {} · slots {}",
+                settings.threads, settings.ctx_size, settings.parallel
+            );
+            if let Some(r) = t.memory_ratio {
+                let _ = write!(out, " · {r:.2}× {base_memory}");
+            }
+            out.push('\n');
         }
     }
     out
+}
+
+/// The swap scenario's block: one row per server, then the in-process reference.
+fn swap_table(out: &mut String, swap: &SwapReport, base: &str) {
+    let _ = writeln!(
+        out,
+        "\nswap: {} models, at most {} loaded: {}",
+        swap.models.len(),
+        swap.max_loaded,
+        if swap.cold { "every request loads its model" } else { "all stay loaded (no swaps)" }
+    );
+    let width = swap.targets.iter().map(|t| t.target.len()).max().unwrap_or(6).max(6);
+    let _ = writeln!(
+        out,
+        "  {:<width$} {:>4} {:>4} {:>22} {:>9} {:>11} {:>15}   vs {base}: TTFT p50, p90   vs {}: TTFT p50",
+        "target",
+        "req",
+        "err",
+        "TTFT ms p50/p90/max",
+        "E2E p50",
+        "load ms p50",
+        "RSS MiB 1st→nth",
+        super::swap::BARE
+    );
+    for t in &swap.targets {
+        let s = &t.summary;
+        let ttft = s.ttft_ms.map(|d| format!("{:.1}/{:.1}/{:.1}", d.p50, d.p90, d.max)).unwrap_or_else(|| "-".into());
+        // Memory after the first and the last request: growth means unloads leave memory behind.
+        let rss: Vec<f64> = t.requests.iter().filter_map(|r| r.rss_kib).map(|k| k as f64 / 1024.0).collect();
+        let rss = match (rss.first(), rss.last()) {
+            (Some(a), Some(b)) => format!("{a:.0}→{b:.0}"),
+            _ => "-".into(),
+        };
+        let _ = write!(
+            out,
+            "  {:<width$} {:>4} {:>4} {:>22} {:>9} {:>11} {:>15}",
+            t.target,
+            s.requests,
+            s.errors,
+            ttft,
+            dist(s.e2e_ms, |d| d.p50),
+            dist(t.load_ms, |d| d.p50),
+            rss
+        );
+        if let Some(r) = &t.ratios {
+            let _ = write!(out, "   {} {}", ratio(r.ttft_p50), ratio(r.ttft_p90));
+        } else if t.over_bare.is_some() {
+            let _ = write!(out, "   {:>5} {:>5}", "-", "-");
+        }
+        if let Some(b) = &t.over_bare {
+            let _ = write!(out, "   {:+.1} ms ({:.2}×)", b.ttft_p50_ms, b.ttft_p50_ratio);
+        }
+        out.push('\n');
+        for e in &s.error_samples {
+            let _ = writeln!(out, "    error: {e}");
+        }
+    }
 }

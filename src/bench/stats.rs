@@ -10,6 +10,18 @@ pub struct RequestRecord {
     pub start_s: f64,
     /// The round of its sweep point it ran in.
     pub round: usize,
+    /// The model asked for, in the swap scenario (where it changes from request to request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// How long loading the model took by the server's own account (paddock's `load_ms`),
+    /// when the request had to load it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<f64>,
+    /// The spawned server's resident memory right after the request (swap scenario), summed
+    /// over its processes: whether unloaded models give their memory back. For the in-process
+    /// reference, the benchmark's own, with the model loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_kib: Option<u64>,
     /// The prompt size asked for, and what the server counted (`usage.prompt_tokens`).
     pub prompt_tokens_requested: u32,
     pub prompt_tokens: u32,
