@@ -284,14 +284,16 @@ fn a_swap_run_times_every_cold_request_against_the_bare_load() {
             let (ttft, e2e) = (r["ttft_ms"].as_f64().unwrap(), r["e2e_ms"].as_f64().unwrap());
             assert!(0.0 < ttft && ttft < e2e, "{r}");
         }
-        let paddock_or_bare = matches!(names[i], "paddock" | "bare load");
-        // Paddock and the engine say how long each load took, and it is part of the TTFT.
-        if paddock_or_bare {
+        // Paddock and the engine say how long each load took, and it is part of the TTFT. After
+        // the warm-up paddock's models are parked, not unloaded: a switch loads no weights (0).
+        if matches!(names[i], "paddock" | "bare load") {
             for r in requests {
                 let load = r["load_ms"].as_f64().unwrap_or_else(|| panic!("no load_ms: {r}"));
-                assert!(load > 0.0 && load < r["ttft_ms"].as_f64().unwrap(), "{r}");
+                assert!(load >= 0.0 && load < r["ttft_ms"].as_f64().unwrap(), "{r}");
+                if names[i] == "bare load" {
+                    assert!(load > 0.0, "{r}");
+                }
             }
-            assert!(t["load_ms"]["p50"].as_f64().unwrap() > 0.0, "{t}");
         }
         match names[i] {
             "bare load" => assert!(t["ratios"].is_null() && t["over_bare"].is_null(), "{t}"),

@@ -71,7 +71,7 @@ pub async fn first_token(name: &str, model: &Path, settings: ServerSettings, job
     // load to load, the engine itself leaves memory behind, whatever a server adds.
     record.rss_kib = own_rss_kib();
     // Joining the engine thread blocks; the next measurement must start with it gone.
-    let _ = tokio::task::spawn_blocking(move || thread.shutdown(Duration::from_secs(30))).await;
+    let _ = tokio::task::spawn_blocking(move || thread.shutdown(Duration::from_secs(30), false)).await;
     record
 }
 
