@@ -433,7 +433,7 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     };
     let entries = targets(&args, settings, swap_models.as_ref()).await?;
     if let Some(swap) = &swap_models {
-        return run_swap(&args, entries, swap, settings, started_at).await;
+        return swap::run_report(&args, entries, swap, settings, started_at).await;
     }
     let calibration = calibrate(&entries.iter().map(|e| e.target.clone()).collect::<Vec<_>>(), args.seed).await;
     let workload =
@@ -517,55 +517,6 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
         swap: None,
     };
     write_report(&args, &report)
-}
-
-/// The swap scenario on servers that are up with `swap`'s models: warm-up, cycles, report.
-async fn run_swap(
-    args: &BenchArgs,
-    entries: Vec<Entry>,
-    swap: &SwapModels,
-    settings: ServerSettings,
-    started_at: String,
-) -> Result<(), BenchError> {
-    // Prompts are sized with a tokenizer of a running model, so after a first request to it.
-    let first = &swap.models[0].name;
-    let assumed = Workload {
-        prompt_tokens: args.prompt_tokens,
-        max_tokens: args.max_tokens,
-        seed: args.seed,
-        calibration: Calibration::ASSUMED,
-    };
-    let mut loaded = Vec::new();
-    for e in &entries {
-        let target = e.target.with_model(first);
-        let record =
-            target.run(args.endpoint, &assumed.job(workload::WARMUP, 0), args.temperature, Instant::now()).await;
-        if let Some(why) = record.error {
-            return Err(BenchError::Warmup { name: format!("{} (model {first})", e.target.name), why });
-        }
-        loaded.push(target);
-    }
-    let calibration = calibrate(&loaded, args.seed).await;
-    let workload = Workload { calibration, ..assumed };
-    let total = args.requests as u64 * (entries.len() as u64 + 1);
-    let bar = progress(args, Some(total));
-    let result = swap::run(args, &entries, &swap.models, settings, &workload, &bar).await;
-    bar.finish_and_clear();
-    let swap_report = result?;
-    let infos = target_infos(&entries, settings);
-    drop(entries);
-    let report = Report {
-        paddock_version: crate::build::VERSION,
-        started_at,
-        machine: Machine::this(),
-        config: run_config(args, "swap", Vec::new()),
-        calibration,
-        targets: infos,
-        turns: Vec::new(),
-        results: Vec::new(),
-        swap: Some(swap_report),
-    };
-    write_report(args, &report)
 }
 
 fn run_config(args: &BenchArgs, mode: &'static str, points: Vec<Point>) -> RunConfig {

@@ -15,10 +15,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::client::Target;
+use super::report::{Machine, Report};
 use super::spawn::{Kind, ServerSettings};
 use super::stats::{Distribution, Ratios, RequestRecord, Summary};
+use super::workload::Calibration;
 use super::workload::{self, Workload};
-use super::{bare, BenchArgs, BenchError, Entry};
+use super::{
+    bare, calibrate, progress, run_config, target_infos, write_report, BenchArgs, BenchError, Entry, SwapModels,
+};
 
 /// The name of the in-process reference in the report.
 pub const BARE: &str = "bare load";
@@ -224,6 +228,55 @@ pub(super) async fn run(
         cold: (max_loaded as usize) < n,
         targets,
     })
+}
+
+/// The swap scenario on servers that are up with `swap`'s models: warm-up, cycles, report.
+pub(super) async fn run_report(
+    args: &BenchArgs,
+    entries: Vec<Entry>,
+    swap: &SwapModels,
+    settings: ServerSettings,
+    started_at: String,
+) -> Result<(), BenchError> {
+    // Prompts are sized with a tokenizer of a running model, so after a first request to it.
+    let first = &swap.models[0].name;
+    let assumed = Workload {
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+        calibration: Calibration::ASSUMED,
+    };
+    let mut loaded = Vec::new();
+    for e in &entries {
+        let target = e.target.with_model(first);
+        let record =
+            target.run(args.endpoint, &assumed.job(workload::WARMUP, 0), args.temperature, Instant::now()).await;
+        if let Some(why) = record.error {
+            return Err(BenchError::Warmup { name: format!("{} (model {first})", e.target.name), why });
+        }
+        loaded.push(target);
+    }
+    let calibration = calibrate(&loaded, args.seed).await;
+    let workload = Workload { calibration, ..assumed };
+    let total = args.requests as u64 * (entries.len() as u64 + 1);
+    let bar = progress(args, Some(total));
+    let result = run(args, &entries, &swap.models, settings, &workload, &bar).await;
+    bar.finish_and_clear();
+    let swap_report = result?;
+    let infos = target_infos(&entries, settings);
+    drop(entries);
+    let report = Report {
+        paddock_version: crate::build::VERSION,
+        started_at,
+        machine: Machine::this(),
+        config: run_config(args, "swap", Vec::new()),
+        calibration,
+        targets: infos,
+        turns: Vec::new(),
+        results: Vec::new(),
+        swap: Some(swap_report),
+    };
+    write_report(args, &report)
 }
 
 /// Paddock's own timing of the model load that `model`'s instance did last (None if it is not
