@@ -85,23 +85,17 @@ impl Registry {
         })?
     }
 
-    /// Reads the model's memory figures if they are not known yet (an instance restored from
-    /// the database, or whose file appeared since).
+    /// Reads the model's memory figures if its file was not read yet (an instance restored
+    /// from the database).
     async fn read_model_shape(&self, name: &str) {
-        let Ok(Some(path)) = self.with_entry(name, |e| match (&e.shape, e.model_file.clone()) {
-            (None, Some(file)) => Some(file),
-            (None, None) => e.spec.model_path().cloned(),
-            (Some(_), _) => None,
+        // Once per model file: a header without the figures does not gain them by a restart.
+        let Ok(Some(path)) = self.with_entry(name, |e| match (&e.model_file, e.spec.model_path()) {
+            (None, Some(path)) => Some(path.clone()),
+            _ => None,
         }) else {
             return;
         };
-        let read = path.clone();
-        let Ok(shape) = tokio::task::spawn_blocking(move || super::read_shape(&read)).await else { return };
-        if let Some(e) = self.inner.map.lock().get_mut(name) {
-            if e.shape.is_none() {
-                e.set_model(path, shape);
-            }
-        }
+        self.learn_model_file(name, path).await;
     }
 
     /// Parks or frees other instances until `name` may start: under `max_running_instances`,
