@@ -24,6 +24,10 @@ enum Command {
     /// Load-test OpenAI-compatible servers (paddock, llama-server, …) side by side: TTFT,
     /// inter-token latency, throughput, as a table, JSON and an SVG plot.
     Bench(paddock::bench::BenchArgs),
+    /// Runs one instance's engine for a parent paddock (isolation "process"), speaking its
+    /// protocol on stdin and stdout. Not for direct use.
+    #[command(hide = true)]
+    InstanceHost,
 }
 
 #[derive(Parser)]
@@ -82,8 +86,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The benchmark prints its table on stdout; only warnings may join it. Its swap scenario
     // loads models in-process, whose llama.cpp load warnings are not the benchmark's.
-    let default_log =
-        if matches!(cli.command, Command::Bench(_)) { "warn,llama-cpp-2=error" } else { "info,llama-cpp-2=warn" };
+    let default_log = match cli.command {
+        Command::Bench(_) => "warn,llama-cpp-2=error",
+        // Its log lines travel to the parent as messages; stderr keeps only what bypasses
+        // tracing (llama.cpp's abort message).
+        Command::InstanceHost => "off",
+        Command::Serve(_) => "info,llama-cpp-2=warn",
+    };
     paddock::logs::init_tracing(default_log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -95,6 +104,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(paddock::bench::run(args)).map_err(|e| format!("bench: {e}")),
+        Command::InstanceHost => runtime.block_on(paddock::engine::host::child::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -170,6 +170,7 @@ impl From<EngineError> for ApiError {
             Load { .. } | LoraLoad { .. } | LoadCancelled | Config(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "ENGINE_ERROR", "Engine error")
             }
+            Crashed(_) => (StatusCode::SERVICE_UNAVAILABLE, "ENGINE_CRASHED", "The instance's engine died"),
             Decode(_) | IncompleteGeneration => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "GENERATION_FAILED", "Generation failed")
             }

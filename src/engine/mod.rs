@@ -14,6 +14,7 @@
 //! its own channel as [`StreamEvent`]s.
 
 pub mod chat;
+pub mod host;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
@@ -27,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use llama_cpp_2::llama_backend::LlamaBackend;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::logs::LogBuffer;
@@ -41,7 +42,7 @@ pub const MAX_UBATCH: u32 = 512;
 
 /// Everything an engine thread needs to load a model and serve it. Plain data: built by the
 /// instance layer from validated options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EngineConfig {
     /// Instance name, for the thread name and log attribution.
     pub name: String,
@@ -64,23 +65,43 @@ pub struct EngineConfig {
     pub embeddings: bool,
     /// LoRA adapters loaded with the model, with their default scales (adapter id = index).
     pub lora: Vec<LoraSpec>,
+    /// Not sent to an instance process: its log lines come back over the pipe.
+    #[serde(skip)]
     pub logs: Arc<LogBuffer>,
-    /// Set to abandon a load in progress (llama.cpp's progress callback checks it).
+    /// Set to abandon a load in progress (llama.cpp's progress callback checks it; an instance
+    /// process is killed instead).
+    #[serde(skip)]
     pub cancel_load: Arc<AtomicBool>,
     /// Where the slots' cached prompts are saved by a shutdown that asks for it, and restored
     /// from at the next start (see [`EngineThread::shutdown`]).
     pub kv_dir: Option<PathBuf>,
+    /// Where the engine runs: a thread of this process, or a child process of its own.
+    pub isolation: Isolation,
+}
+
+/// Where an instance's engine runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A thread of paddock's process: no hop, weights shared between instances; a llama.cpp
+    /// abort ends every instance.
+    #[default]
+    Thread,
+    /// A child `paddock instance-host` process running the same engine: a llama.cpp abort (a
+    /// failed assert, a lost RPC connection) ends this instance alone. Costs a pipe hop per
+    /// event and the weights are not shared.
+    Process,
 }
 
 /// A LoRA adapter (GGUF) and its scale.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraSpec {
     pub path: PathBuf,
     pub scale: f32,
 }
 
 /// What the engine tells the world once the model is loaded.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub n_ctx: u32,
     /// Context each slot may use: prompt + generated tokens.
@@ -123,7 +144,7 @@ pub struct ModelInfo {
 }
 
 /// The prompt of a generation request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Prompt {
     /// Text, tokenized with special tokens parsed and BOS added as the vocabulary asks.
     Text(String),
@@ -132,7 +153,7 @@ pub enum Prompt {
 }
 
 /// A validated generation request (built by the API layer).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
     pub sampling: SamplingParams,
@@ -168,7 +189,7 @@ impl GenerateRequest {
 }
 
 /// One generated token's probabilities, from the model's raw logits (before sampling).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenProbs {
     /// Log-probability of the token that was chosen.
     pub logprob: f32,
@@ -178,14 +199,14 @@ pub struct TokenProbs {
     pub top: Vec<(i32, Vec<u8>, f32)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     Stop,
     Length,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
@@ -196,7 +217,7 @@ pub struct Usage {
 }
 
 /// What a request's channel carries.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum StreamEvent {
     /// Validated and queued (or placed): the prompt fits; streaming may begin.
     Accepted { prompt_tokens: u32 },
@@ -218,14 +239,14 @@ pub enum StreamEvent {
 }
 
 /// One token of [`Engine::tokenize`]'s answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenPiece {
     pub id: i32,
     pub piece: Vec<u8>,
 }
 
 /// A slot as `GET /slots` shows it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SlotView {
     pub id: u32,
     pub n_ctx: u32,
@@ -244,7 +265,7 @@ pub struct SlotView {
 
 /// What to do with a slot's saved state (`POST /slots/{id}?action=…`). Paths were confined to
 /// the instance's slot directory by the caller.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SlotAction {
     Save(PathBuf),
     Restore(PathBuf),
@@ -252,7 +273,7 @@ pub enum SlotAction {
 }
 
 /// Result of a [`SlotAction`]: tokens saved/restored/erased and bytes written or read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct SlotActionReport {
     pub n_tokens: u32,
     pub n_bytes: u64,
@@ -260,7 +281,7 @@ pub struct SlotActionReport {
 }
 
 /// Pooled, unnormalized embeddings, one per input.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Embeddings {
     pub vectors: Vec<Vec<f32>>,
     pub prompt_tokens: u32,
@@ -268,7 +289,7 @@ pub struct Embeddings {
 
 pub type EventSender = mpsc::UnboundedSender<Result<StreamEvent, EngineError>>;
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum EngineError {
     #[error("failed to load model {path}: {reason}")]
     Load { path: String, reason: String },
@@ -306,6 +327,9 @@ pub enum EngineError {
     InvalidLora(String),
     #[error("input {index} has {n_tokens} tokens; an embedding input holds at most {max}")]
     EmbeddingInputTooLong { index: usize, n_tokens: usize, max: u32 },
+    /// The instance's process died (isolation "process"): a llama.cpp abort, a kill.
+    #[error("the instance's engine died: {0}")]
+    Crashed(String),
 }
 
 /// Counters the worker updates and anyone may read. Relaxed atomics: they are statistics.
@@ -339,7 +363,7 @@ pub struct EngineStats {
     pub thread_id: AtomicU64,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatsSnapshot {
     pub requests_total: u64,
     pub prompt_tokens_total: u64,
@@ -401,6 +425,25 @@ impl EngineStats {
             kv_tokens: AtomicU64::new(0),
             thread_id: AtomicU64::new(0),
         }
+    }
+
+    /// Takes the counters an instance process reported (its own epoch and thread aside).
+    fn absorb(&self, s: &StatsSnapshot) {
+        let w = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        w(&self.requests_total, s.requests_total);
+        w(&self.prompt_tokens_total, s.prompt_tokens_total);
+        w(&self.prompt_tokens_cached_total, s.prompt_tokens_cached_total);
+        w(&self.generated_tokens_total, s.generated_tokens_total);
+        w(&self.decode_calls_total, s.decode_calls_total);
+        w(&self.max_batch_sequences, s.max_batch_sequences);
+        w(&self.slots_busy, s.slots_busy);
+        w(&self.queued, s.queued);
+        w(&self.prompt_us_total, s.prompt_us_total);
+        w(&self.generation_us_total, s.generation_us_total);
+        w(&self.generated_tokens_timed, s.generated_tokens_timed);
+        w(&self.prompt_tokens_timed, s.prompt_tokens_timed);
+        w(&self.batch_sequences_total, s.batch_sequences_total);
+        w(&self.kv_tokens, s.kv_tokens);
     }
 
     pub(crate) fn mark_active(&self) {
@@ -481,10 +524,15 @@ pub struct Engine {
     queue_size: u32,
 }
 
-/// Owns the engine thread; `shutdown` stops and joins it.
+/// Owns the engine thread (or instance process); `shutdown` stops and joins it.
 pub struct EngineThread {
     engine: Engine,
-    join: Option<JoinHandle<()>>,
+    owner: Owner,
+}
+
+enum Owner {
+    Thread(Option<JoinHandle<()>>),
+    Process(host::Process),
 }
 
 /// Why an engine thread ended, reported once through [`EngineThread::start`]'s `exited` channel.
@@ -508,6 +556,10 @@ impl EngineThread {
     /// Spawns the engine thread and waits (without blocking the runtime) until the model is
     /// loaded or the load failed. `exited` fires when the thread ends, with why.
     pub async fn start(config: EngineConfig) -> Result<(EngineThread, oneshot::Receiver<ExitReport>), EngineError> {
+        if config.isolation == Isolation::Process {
+            let (engine, process, exited) = host::start(config).await?;
+            return Ok((EngineThread { engine, owner: Owner::Process(process) }, exited));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (exit_tx, exit_rx) = oneshot::channel();
@@ -549,11 +601,19 @@ impl EngineThread {
         };
         let engine =
             Engine { tx, permits: Arc::new(Semaphore::new(n_permits)), info: Arc::new(info), stats, queue_size };
-        Ok((EngineThread { engine, join: Some(join) }, exit_rx))
+        Ok((EngineThread { engine, owner: Owner::Thread(Some(join)) }, exit_rx))
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The instance process's id, for an engine that runs in one.
+    pub fn pid(&self) -> Option<u32> {
+        match &self.owner {
+            Owner::Process(p) => Some(p.pid()),
+            Owner::Thread(_) => None,
+        }
     }
 
     /// Asks the worker to stop (in-flight requests end with [`EngineError::Stopped`]) and joins
@@ -561,7 +621,11 @@ impl EngineThread {
     /// for the next start to reuse. Blocking: call from a blocking context.
     pub fn shutdown(mut self, deadline: Duration, save_kv: bool) -> bool {
         let _ = self.engine.tx.send(EngineCommand::Shutdown { save_kv });
-        let Some(join) = self.join.take() else { return true };
+        let join = match &mut self.owner {
+            Owner::Process(p) => return p.join(deadline),
+            Owner::Thread(join) => join.take(),
+        };
+        let Some(join) = join else { return true };
         let start = Instant::now();
         while !join.is_finished() {
             if start.elapsed() > deadline {

@@ -10,7 +10,7 @@ use llama_cpp_2::token::LlamaToken;
 
 /// Validated sampling parameters; defaults are llama-server's. Every value here was range-checked
 /// by the API layer (token ids included), because several samplers assert or panic on bad input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 (or below) means greedy.
     pub temperature: f32,

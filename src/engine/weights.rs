@@ -26,6 +26,9 @@ pub struct WeightsKey {
     pub path: PathBuf,
     pub n_gpu_layers: u32,
     pub lora: Vec<PathBuf>,
+    /// The instance whose own process holds these weights (isolation "process"): nobody shares
+    /// them, and this process never has them loaded.
+    pub process: Option<String>,
 }
 
 impl WeightsKey {
@@ -36,7 +39,12 @@ impl WeightsKey {
 
     pub fn new(model: &Path, n_gpu_layers: u32, lora: &[&Path]) -> WeightsKey {
         let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        WeightsKey { path: canonical(model), n_gpu_layers, lora: lora.iter().map(|p| canonical(p)).collect() }
+        WeightsKey {
+            path: canonical(model),
+            n_gpu_layers,
+            lora: lora.iter().map(|p| canonical(p)).collect(),
+            process: None,
+        }
     }
 }
 

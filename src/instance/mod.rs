@@ -141,7 +141,7 @@ pub struct InstanceView {
     pub policy: Policy,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// Paddock's own process: instances are threads in it.
+    /// The process the engine runs in: paddock's own, or the instance's with isolation "process".
     pub pid: u32,
     /// Automatic restarts since the last manual start.
     pub restarts: u32,
@@ -206,6 +206,18 @@ fn thread_cpu_ms(tid: u64) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
     let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
     Some(ns / 1_000_000)
+}
+
+/// CPU time of a whole process (an instance process: its engine and its relay), from
+/// /proc/<pid>/stat's utime + stime.
+fn process_cpu_ms(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, so split after its ')').
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf with a valid name only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1000 / hz)
 }
 
 /// A running instance's serving handles, cloned out for a request.
@@ -278,7 +290,7 @@ impl Entry {
 
     /// Records the model file and its header (read by [`read_shape`]).
     fn set_model(&mut self, file: PathBuf, shape: Option<Shape>) {
-        self.weights_key = Some(self.spec.options.weights_key(&file));
+        self.weights_key = Some(self.spec.options.weights_key(&self.spec.name, &file));
         self.shape = shape.map(Arc::new);
         self.model_file = Some(file);
     }
@@ -326,13 +338,16 @@ impl Entry {
             policy: self.spec.policy.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
-            pid: std::process::id(),
+            pid: self.running.as_ref().and_then(|r| r.thread.pid()).unwrap_or_else(std::process::id),
             restarts: self.restarts,
             error: self.error.clone(),
             model: self.running.as_ref().map(|r| r.serving.engine.info().clone()),
             stats: self.running.as_ref().map(|r| {
                 let engine = r.serving.engine.stats();
-                let cpu_time_ms = thread_cpu_ms(engine.thread_id);
+                let cpu_time_ms = match r.thread.pid() {
+                    Some(pid) => process_cpu_ms(pid),
+                    None => thread_cpu_ms(engine.thread_id),
+                };
                 let wall_ms = r.since.elapsed().as_millis().max(1) as f64;
                 InstanceStats {
                     memory_usage: self.footprint().map_or(r.serving.engine.info().size_bytes, |f| f.total()),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::weights::WeightsKey;
-use crate::engine::{EngineConfig, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
+use crate::engine::{EngineConfig, Isolation, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
 use crate::logs::LogBuffer;
 use crate::models::memory::{footprint, Footprint, Layout, Shape};
 
@@ -57,6 +57,11 @@ pub struct InstanceOptions {
     /// and `--lora-scaled`. Scales change at run time through `POST …/lora-adapters` or per request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<Vec<LoraOption>>,
+    /// Where the engine runs: `"thread"` (the default: in paddock's process, weights shared
+    /// between instances) or `"process"` (a child process of its own, so a llama.cpp abort ends
+    /// this instance alone and the supervisor restarts it by its policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -207,11 +212,17 @@ impl InstanceOptions {
             queue_size,
             seed,
             flash_attn,
-            embeddings
+            embeddings,
+            isolation
         );
         if other.lora.is_some() {
             self.lora = other.lora.clone();
         }
+    }
+
+    /// Where the engine runs.
+    pub fn isolation(&self) -> Isolation {
+        self.isolation.unwrap_or_default()
     }
 
     /// Layers offloaded: all unless a non-negative number is given (llama-server's -1 = all).
@@ -233,10 +244,15 @@ impl InstanceOptions {
         footprint(shape, Layout { n_ctx, n_parallel: parallel as u64, n_ubatch: n_ubatch as u64 })
     }
 
-    /// Which loaded weights an instance with these options and `model` can share.
-    pub fn weights_key(&self, model: &Path) -> WeightsKey {
+    /// Which loaded weights the instance `name` with these options and `model` can share: none
+    /// when its engine runs in a process of its own.
+    pub fn weights_key(&self, name: &str, model: &Path) -> WeightsKey {
         let lora: Vec<&Path> = self.lora.iter().flatten().map(|l| l.path.as_path()).collect();
-        WeightsKey::new(model, self.n_gpu_layers(), &lora)
+        let mut key = WeightsKey::new(model, self.n_gpu_layers(), &lora);
+        if self.isolation() == Isolation::Process {
+            key.process = Some(name.to_string());
+        }
+        key
     }
 
     pub fn engine_config(
@@ -270,6 +286,7 @@ impl InstanceOptions {
             logs,
             cancel_load,
             kv_dir: None,
+            isolation: self.isolation(),
         }
     }
 }
