@@ -183,4 +183,10 @@ async fn an_instance_on_a_remote_node_is_managed_and_served_through_the_main_nod
     assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
     let far = listed["instances"].as_array().unwrap().iter().find(|i| i["name"] == "far").cloned().unwrap();
     assert_eq!((far["node"].as_str(), far["status"].as_str()), (Some("w"), Some("unknown")), "{listed}");
+
+    // The record survives a restart of the main: the instance is still routed to its node.
+    drop(main);
+    let main = Paddock::start(main_data.path(), &[]).await;
+    let (status, failed) = main.get("/api/instances/far").await;
+    assert_eq!((status, failed["code"].as_str()), (502, Some("NODE_UNAVAILABLE")), "{failed}");
 }
