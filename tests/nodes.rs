@@ -160,8 +160,28 @@ async fn an_instance_on_a_remote_node_is_managed_and_served_through_the_main_nod
     assert_eq!(settled, after, "generation went on after the client left");
     assert!(after - before < 1000, "{} tokens generated for a dropped stream", after - before);
 
-    // The worker dies: the main answers 502 naming the node, fast, and reports it down.
+    // The worker dies mid-stream: the stream through the main ends with an error event naming the
+    // node, then [DONE].
+    let response = client()
+        .post(format!("{}/v1/completions", main.base))
+        .json(&json!({ "model": "far", "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": true, "stream": true }))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let mut seen = String::new();
+    while seen.matches("data:").count() < 2 {
+        seen.push_str(&String::from_utf8_lossy(&stream.next().await.expect("more events").unwrap()));
+    }
     worker.kill9();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("the stream ends")
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("the main ends its stream cleanly")));
+    }
+    assert!(seen.contains("NODE_UNAVAILABLE") && seen.contains("'w'"), "{seen}");
+    assert!(seen.trim_end().ends_with("data: [DONE]"), "{seen}");
+
+    // Once it is gone, the main answers 502 naming the node, fast, and reports it down.
     let started = Instant::now();
     let (status, failed) = call(
         reqwest::Method::POST,

@@ -17,6 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, OpenAiError};
@@ -221,7 +222,7 @@ async fn instance(
     Ok(match (&method, rest.as_str()) {
         (&Method::GET, "") => with_node(&node, response, "").await,
         (&Method::PUT, "") => with_node(&node, response, "/instance").await,
-        _ => relay(response),
+        _ => relay(&node, response),
     })
 }
 
@@ -240,11 +241,36 @@ fn merge(spec: &mut Value, change: Map<String, Value>) {
     }
 }
 
-/// The node's answer as it arrives: status, headers (but hop-by-hop ones) and body stream.
-fn relay(response: reqwest::Response) -> Response {
+/// The node's answer as it arrives: status, headers (but hop-by-hop ones) and body stream. A
+/// server-sent event stream that the node breaks off ends with an error event naming the node and
+/// `[DONE]`, as paddock's own streams end on a failure; other bodies are cut off.
+fn relay(node: &Node, response: reqwest::Response) -> Response {
     let status = response.status();
     let headers = end_to_end(response.headers());
-    let mut out = Response::new(Body::from_stream(response.bytes_stream()));
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let node = node.clone();
+    let stream = response.bytes_stream().scan(false, move |ended, item| {
+        let next = match item {
+            _ if *ended => None,
+            Ok(bytes) => Some(Ok(bytes)),
+            Err(e) => {
+                *ended = true;
+                tracing::warn!(node = %node.name, "a stream from the node broke off: {e}");
+                if sse {
+                    let error = OpenAiError(ApiError::from(crate::nodes::unreachable(&node, &e)));
+                    // The blank line first ends an event the node left half-sent.
+                    Some(Ok(Bytes::from(format!("\n\ndata: {}\n\ndata: [DONE]\n\n", error.body()))))
+                } else {
+                    Some(Err(e))
+                }
+            }
+        };
+        futures::future::ready(next)
+    });
+    let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
@@ -387,7 +413,7 @@ async fn inference(state: &AppState, request: Request, next: Next) -> Result<Res
         call = call.header(header::CONTENT_TYPE, ct);
     }
     let response = state.nodes.send(node, call).await.map_err(ApiError::from)?;
-    Ok(relay(response))
+    Ok(relay(node, response))
 }
 
 /// The local models, with the remote instances the caller may use after them.
