@@ -52,6 +52,83 @@ pub struct Config {
     /// when paddock saves the config file.
     #[serde(skip_serializing)]
     pub hf_token: Option<String>,
+    /// This node's name among `nodes` (llamactl's `local_node`): an instance placed on it
+    /// (`"nodes": ["<local_node>"]`) runs here.
+    pub local_node: String,
+    /// Other paddock (or llamactl) servers instances may be placed on with `"nodes": ["<name>"]`:
+    /// `{name: {address, api_key}}`. This server forwards those instances' management calls and
+    /// `/v1` requests there. An entry without an address is this node (as in llamactl).
+    pub nodes: std::collections::BTreeMap<String, NodeConfig>,
+}
+
+/// A remote node: where it listens and the key this server sends it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Its base URL, e.g. `http://10.0.0.2:8080`; none (or empty) for the local node.
+    #[schema(value_type = Option<String>, example = "http://10.0.0.2:8080")]
+    #[serde(deserialize_with = "non_empty")]
+    pub address: Option<NodeAddress>,
+    /// A management API key (or login token) of that node, sent as `Authorization: Bearer`.
+    #[serde(deserialize_with = "non_empty")]
+    pub api_key: Option<String>,
+}
+
+/// A node's base URL: `http://` or `https://`, parsed when the config is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeAddress(reqwest::Url);
+
+impl NodeAddress {
+    /// The URL of `path` (which starts with `/`) on the node, keeping any base path.
+    pub fn join(&self, path: &str) -> String {
+        format!("{}{path}", self.0.as_str().trim_end_matches('/'))
+    }
+}
+
+impl std::fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str().trim_end_matches('/'))
+    }
+}
+
+impl std::str::FromStr for NodeAddress {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(text).map_err(|e| format!("'{text}' is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(format!("'{text}' must be an http:// or https:// URL with a host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("'{text}' must not have a query or fragment"));
+        }
+        Ok(NodeAddress(url))
+    }
+}
+
+impl Serialize for NodeAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An empty string is no value (llamactl writes `address: ""` for the local node).
+fn non_empty<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.is_empty() => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 /// What a group of instances may hold at once.
@@ -126,6 +203,8 @@ impl Default for Config {
             model_dirs: Vec::new(),
             hf_endpoint: "https://huggingface.co".into(),
             hf_token: None,
+            local_node: "main".into(),
+            nodes: Default::default(),
         }
     }
 }
@@ -159,6 +238,7 @@ pub struct Overrides {
     pub admin_password: Option<String>,
     pub hf_endpoint: Option<String>,
     pub hf_token: Option<String>,
+    pub local_node: Option<String>,
 }
 
 /// A change to the configuration (`PUT /api/config`): only the keys given change; `null`
@@ -269,6 +349,8 @@ impl Config {
         later!(rate_limits);
         later!(cors_origins);
         later!(hf_endpoint);
+        later!(local_node);
+        later!(nodes);
         // Secrets are not serialized, so compare what can be compared of auth.
         if given("auth")
             && (file.auth.admin_username != self.auth.admin_username
@@ -292,6 +374,9 @@ impl Config {
         mask(&mut c.auth.admin_password);
         mask(&mut c.auth.jwt_secret);
         mask(&mut c.hf_token);
+        for node in c.nodes.values_mut() {
+            mask(&mut node.api_key);
+        }
         c
     }
 
@@ -315,6 +400,17 @@ impl Config {
         }
         if let Some((name, _)) = self.groups.iter().find(|(_, g)| g.max_running == 0) {
             return Err(format!("groups.{name}.max_running must be at least 1"));
+        }
+        if self.local_node.trim().is_empty() {
+            return Err("local_node must not be empty".into());
+        }
+        if let Some((name, _)) =
+            self.nodes.iter().find(|(name, node)| node.address.is_none() && **name != self.local_node)
+        {
+            return Err(format!(
+                "nodes.{name}.address is missing (only the local node, local_node = '{}', has none)",
+                self.local_node
+            ));
         }
         if self.max_running_instances == Some(0) {
             return Err("max_running_instances must be at least 1 (or null for no limit)".into());
@@ -404,6 +500,9 @@ impl Config {
         }
         if let Some(t) = overrides.hf_token {
             config.hf_token = Some(t);
+        }
+        if let Some(n) = overrides.local_node {
+            config.local_node = n;
         }
         Ok(config)
     }

@@ -9,6 +9,7 @@
 //! - [`auth`]: users, API keys, login tokens, and who may call what.
 //! - [`config`]: configuration layering.
 //! - [`logs`]: per-instance log buffers fed by llama.cpp's log callback.
+//! - [`nodes`]: remote nodes (llamactl's multi-node): instances placed on other servers.
 //! - [`models`]: the model store; for now paddock's own GGUF reader, which checks a file before llama.cpp sees it.
 //! - [`build`]: build information.
 //! - [`bench`]: `paddock bench`, the load generator that compares OpenAI-compatible servers.
@@ -25,6 +26,7 @@ pub mod engine;
 pub mod instance;
 pub mod logs;
 pub mod models;
+pub mod nodes;
 
 pub use api::{app, serve, AppState};
 pub use config::Config;

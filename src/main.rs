@@ -54,6 +54,9 @@ struct ServeArgs {
     /// A hub token for gated or private repositories. Prefer the environment variable to the flag.
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
     hf_token: Option<String>,
+    /// This node's name in the config's `nodes` (llamactl's `local_node`) [default: main].
+    #[arg(long, env = "PADDOCK_LOCAL_NODE")]
+    local_node: Option<String>,
     /// A GGUF file to serve at once: creates and starts an instance for it, as `llama-server -m` would.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
@@ -123,6 +126,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         admin_password: args.admin_password.clone(),
         hf_endpoint: args.hf_endpoint.clone(),
         hf_token: args.hf_token.clone(),
+        local_node: args.local_node.clone(),
     };
     let (config, config_path) = Config::load(args.config.as_deref(), overrides).map_err(|e| e.to_string())?;
     let addr = SocketAddr::new(config.host, config.port);

@@ -123,6 +123,7 @@ function InstanceCard({ instance, stats, health, onAction, onOpen }) {
         <span class=${`badge ${badge}`} data-testid="health" title="Health">${badge}</span>
       </header>
       <p class="status-line"><span class=${`status ${s}`} data-testid="status">${s}</span>
+        ${instance.node ? html` · <span class="node" data-testid="node" title="The node it runs on">on ${instance.node}</span>` : null}
         ${instance.port ? html` · port ${instance.port}` : null}
         ${instance.restarts ? html` · ${instance.restarts} restarts` : null}</p>
       <p class="model" title=${instance.model_path || instance.hf_repo || ''}>${modelOf(instance) || '–'}</p>

@@ -51,6 +51,7 @@ level. An unknown path answers 404 with code `NOT_FOUND`.";
         (name = "openai", description = "OpenAI-compatible API; `model` names the instance (started on demand if its policy allows)."),
         (name = "llama-server", description = "llama-server's routes of one instance, with llama-server's request and response shapes."),
         (name = "auth", description = "Users, sessions and API keys."),
+        (name = "nodes", description = "Remote nodes (llamactl's multi-node): other servers instances are placed on with `nodes`."),
         (name = "models", description = "The local model registry: GGUF metadata, memory estimates, rescans, deletes and unloads; node stats and version (the admin API of seed 003)."),
     ),
     components(schemas(ChatCompletionChunk, NativeCompletionChunk)),
@@ -347,6 +348,9 @@ pub struct InstanceBody {
     pub evictable: Option<bool>,
     /// The group it counts in for the group's `max_running` (config `groups`); `""` leaves it.
     pub group: Option<String>,
+    /// The node it lives on (llamactl's `nodes`): one name of the config's `nodes`, or
+    /// `local_node`; default here. Set at creation; an update may only repeat it.
+    pub nodes: Option<Vec<String>>,
 }
 
 /// The policy fields [`InstanceBody`] lists at its top level (checked against the parser's list).

@@ -156,6 +156,22 @@ impl From<InstanceError> for ApiError {
     }
 }
 
+impl From<crate::nodes::NodeError> for ApiError {
+    fn from(e: crate::nodes::NodeError) -> Self {
+        use crate::nodes::NodeError::*;
+        let (status, code, message) = match &e {
+            Unknown { .. } => (StatusCode::BAD_REQUEST, "UNKNOWN_NODE", "Unknown node".to_string()),
+            Placement(_) => (StatusCode::BAD_REQUEST, "INVALID_NODES", "Invalid nodes".to_string()),
+            Unreachable { node, .. } => {
+                (StatusCode::BAD_GATEWAY, "NODE_UNAVAILABLE", format!("Node '{node}' is unavailable"))
+            }
+            Exists(_) => (StatusCode::CONFLICT, "INSTANCE_EXISTS", "Instance already exists".to_string()),
+            Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "STORE_ERROR", "Could not persist the change".to_string()),
+        };
+        ApiError::new(status, code, message).with_details(e.to_string())
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         use EngineError::*;

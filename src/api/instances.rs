@@ -174,8 +174,9 @@ fn parse_for(value: Value, name: &str, mismatch: &str) -> Result<Body, ApiError>
     responses(
         (status = 200, description = "With `dry_run=true`: what the instance would cost in memory and whether it fits now; nothing is created", body = crate::instance::DryRun),
         (status = 201, description = "Created", body = doc::InstanceCreated),
-        (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
+        (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`), or `nodes` names no configured node (`UNKNOWN_NODE`, `INVALID_NODES`)", body = ErrorBody),
         (status = 409, description = "An instance of that name exists (`INSTANCE_EXISTS`)", body = ErrorBody),
+        (status = 502, description = "`nodes` names a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 500, description = "The instance could not be saved (`STORE_ERROR`)", body = ErrorBody),
@@ -210,8 +211,9 @@ struct DryRunQuery {
     responses(
         (status = 200, description = "With `dry_run=true`: what the instance would cost in memory and whether it fits now; nothing is created", body = crate::instance::DryRun),
         (status = 201, description = "Created", body = doc::InstanceCreated),
-        (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
+        (status = 400, description = "Invalid body, name, options or model (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_NAME`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`), or `nodes` names no configured node (`UNKNOWN_NODE`, `INVALID_NODES`)", body = ErrorBody),
         (status = 409, description = "An instance of that name exists (`INSTANCE_EXISTS`)", body = ErrorBody),
+        (status = 502, description = "`nodes` names a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 500, description = "The instance could not be saved (`STORE_ERROR`)", body = ErrorBody),
@@ -258,8 +260,9 @@ async fn create_from(
     request_body = doc::InstanceBody,
     responses(
         (status = 200, description = "Updated", body = doc::InstanceUpdated),
-        (status = 400, description = "Invalid body, options or model, or a different name (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`)", body = ErrorBody),
+        (status = 400, description = "Invalid body, options or model, or a different name (`INVALID_REQUEST`, `INVALID_JSON`, `INVALID_OPTIONS`, `MODEL_NOT_FOUND`, `INVALID_MODEL`), or `nodes` would move it to another node (`INVALID_NODES`, `UNKNOWN_NODE`)", body = ErrorBody),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 409, description = "The change is not allowed in the instance's state", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
@@ -304,6 +307,7 @@ async fn list(State(state): State<AppState>) -> impl IntoResponse {
     responses(
         (status = 200, description = "The instance", body = crate::instance::InstanceView),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
     ),
 )]
 async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
@@ -320,6 +324,7 @@ async fn show(State(state): State<AppState>, Path(name): Path<String>) -> Result
     responses(
         (status = 200, description = "Deleted", body = doc::Message),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 409, description = "The instance is not stopped (`INSTANCE_RUNNING`, `INVALID_STATE`)", body = ErrorBody),
         (status = 500, description = "The deletion could not be saved (`STORE_ERROR`)", body = ErrorBody),
     ),
@@ -339,6 +344,7 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
     responses(
         (status = 200, description = "Start initiated", body = doc::StatusMessage),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 409, description = "Not startable now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = ErrorBody),
         (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
         (status = 503, description = "The start failed at once (`MODEL_LOAD_FAILED`)", body = ErrorBody),
@@ -391,6 +397,7 @@ fn stop_mode(bytes: &[u8]) -> Result<StopMode, ApiError> {
         (status = 200, description = "Stopped, or stop initiated", body = doc::StatusMessage),
         (status = 400, description = "Invalid body (`INVALID_REQUEST`)", body = ErrorBody),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 409, description = "Not running (`INVALID_STATE`)", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
@@ -416,6 +423,7 @@ async fn stop(
     responses(
         (status = 200, description = "Restart initiated", body = doc::StatusMessage),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
         (status = 409, description = "Not restartable now (`INVALID_STATE`, `MODEL_NOT_AVAILABLE`, `NO_CAPACITY`, `PORT_IN_USE`)", body = ErrorBody),
         (status = 500, description = "The change could not be saved (`STORE_ERROR`)", body = ErrorBody),
         (status = 503, description = "The start failed at once (`MODEL_LOAD_FAILED`)", body = ErrorBody),
@@ -507,6 +515,7 @@ enum LogLevel {
         )),
         (status = 400, description = "Invalid query (`INVALID_REQUEST`)", body = ErrorBody),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
     ),
 )]
 async fn logs(
@@ -559,6 +568,7 @@ async fn logs(
     responses(
         (status = 200, description = "The instance's health", body = crate::instance::Health),
         (status = 404, description = "No such instance (`INSTANCE_NOT_FOUND`)", body = ErrorBody),
+        (status = 502, description = "The instance lives on a remote node that cannot be reached (`NODE_UNAVAILABLE`)", body = ErrorBody),
     ),
 )]
 async fn health(State(state): State<AppState>, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {

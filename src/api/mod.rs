@@ -11,6 +11,8 @@
 //! - [`admin`]: the model registry and node routes of the admin API (`/api/admin/…`).
 //! - [`auth`]: login, users and API keys; [`guard`]: the middleware that checks credentials,
 //!   rights and [`limits`] on every request.
+//! - [`nodes`]: the remote nodes (`/api/nodes`); [`remote`]: the middleware that sends calls
+//!   and `/v1` requests for instances placed on a node there.
 //! - [`ws`]: the WebSocket of live events.
 //! - [`web`]: the dashboard, embedded, served at `/` (the fallback of every GET no API route takes).
 //! - [`error`]: the one error → response map, and JSON extractors that use it.
@@ -31,9 +33,11 @@ pub mod instances;
 pub mod limits;
 pub mod llama;
 mod node;
+mod nodes;
 pub mod oai_output;
 pub mod openai;
 mod params;
+mod remote;
 pub mod system;
 mod tools;
 mod web;
@@ -82,6 +86,8 @@ pub struct AppState {
     pub stop: CancellationToken,
     /// Registered LoRA adapters (`/api/admin/adapters`).
     pub adapters: Arc<crate::models::adapters::AdapterStore>,
+    /// The remote nodes and the records of the instances placed on them.
+    pub nodes: crate::nodes::Nodes,
 }
 
 impl AppState {
@@ -106,7 +112,9 @@ impl AppState {
             })
         });
         let adapters = crate::models::adapters::AdapterStore::open(&config.data_dir, config.model_search_dirs())?;
+        let nodes = crate::nodes::Nodes::open(&config)?;
         Ok(AppState {
+            nodes,
             downloads,
             adapters: Arc::new(adapters),
             stop: CancellationToken::new(),
@@ -150,6 +158,8 @@ pub fn app(state: AppState) -> Router {
         .nest("/api/v1/instances/{name}/proxy", proxied().into())
         .nest("/llama-cpp/{name}", proxied().into())
         .fallback(web::fallback)
+        // Inside the guard: calls for instances on remote nodes go there once the caller is checked.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), remote::forward))
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard::authorize))
         .layer(axum::middleware::from_fn(guard::challenge))
         .layer(cors)
@@ -197,6 +207,7 @@ fn management() -> OpenApiRouter<AppState> {
         .merge(admin::routes())
         .merge(hub::routes())
         .merge(node::routes())
+        .merge(nodes::routes())
 }
 
 /// llama-server's routes of one instance, where llamactl proxies them.

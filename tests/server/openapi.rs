@@ -55,6 +55,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/instances/{name}/restart"),
     ("GET", "/api/instances/{name}/logs"),
     ("GET", "/api/instances/{name}/health"),
+    ("GET", "/api/nodes"),
+    ("GET", "/api/nodes/{name}"),
     ("GET", "/v1/models"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
