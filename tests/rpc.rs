@@ -101,7 +101,8 @@ async fn layers_over_two_workers_match_local_and_a_down_worker_fails_the_start()
     let p = start_paddock(data.path()).await;
 
     // All layers (gpu_layers unset = all) over both workers, split by their free memory.
-    let split = create_and_start(&p, "split", small(json!({ "rpc_servers": [&w1.endpoint, &w2.endpoint] })), "running").await;
+    let split =
+        create_and_start(&p, "split", small(json!({ "rpc_servers": [&w1.endpoint, &w2.endpoint] })), "running").await;
     let placement = split["model"]["placement"].as_array().unwrap_or_else(|| panic!("no placement: {split}")).clone();
     for w in [&w1.endpoint, &w2.endpoint] {
         assert!(
@@ -124,7 +125,11 @@ async fn layers_over_two_workers_match_local_and_a_down_worker_fails_the_start()
     // Flash attention is off in both: with `auto` the first token's log-probability already
     // differed by 0.08 and the text diverged at a near tie (0.015 nats) on the 5th token.
     let tokens = |t: &[(String, f64, Vec<(String, f64)>)]| t.iter().map(|(t, _, _)| t.clone()).collect::<Vec<_>>();
-    assert_eq!(tokens(&remote_text), tokens(&local_text), "greedy output over RPC differs from local:\n{remote_text:?}\n{local_text:?}");
+    assert_eq!(
+        tokens(&remote_text),
+        tokens(&local_text),
+        "greedy output over RPC differs from local:\n{remote_text:?}\n{local_text:?}"
+    );
     for ((_, remote, _), (_, local, _)) in remote_text.iter().zip(&local_text) {
         assert!((remote - local).abs() < 0.5, "log-probabilities far apart:\n{remote_text:?}\n{local_text:?}");
     }

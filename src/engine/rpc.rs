@@ -119,7 +119,9 @@ impl RpcEndpoint {
                 SocketAddr::V6(_) => None,
             })
             .next()
-            .ok_or_else(|| format!("worker {self}: {} has no IPv4 address (ggml's RPC backend speaks IPv4 only)", self.host))
+            .ok_or_else(|| {
+                format!("worker {self}: {} has no IPv4 address (ggml's RPC backend speaks IPv4 only)", self.host)
+            })
     }
 }
 
@@ -147,7 +149,10 @@ fn probe_within(shown: &str, addr: SocketAddrV4, reply_timeout: Duration) -> Res
             format!("worker {shown} closed the connection during ggml's RPC handshake ({e}): is it a paddock worker?")
         }
     };
-    stream.set_read_timeout(Some(reply_timeout)).and_then(|_| stream.set_write_timeout(Some(reply_timeout))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(reply_timeout))
+        .and_then(|_| stream.set_write_timeout(Some(reply_timeout)))
+        .map_err(io)?;
     let _ = stream.set_nodelay(true);
 
     // | cmd (1 byte) | size (u64) | payload |, answered by | size (u64) | payload |; native byte order.
@@ -259,7 +264,8 @@ pub fn attach(servers: &[String]) -> Result<RpcLease, EngineError> {
         workers().lock().entry(key.clone()).or_insert(Worker { reg, leases: 0 }).leases += 1;
         lease.keys.push(key);
         for dev in reg_devices(reg) {
-            let index = device_index(dev).ok_or_else(|| fail(format!("worker {shown}: its device is not in ggml's list")))?;
+            let index =
+                device_index(dev).ok_or_else(|| fail(format!("worker {shown}: its device is not in ggml's list")))?;
             lease.devices.push(index);
             lease.names.push((device_name(dev), shown.clone()));
         }
@@ -480,13 +486,20 @@ fn select_worker_devices(names: &[String]) -> Result<Vec<sys::ggml_backend_dev_t
             .collect();
     }
     // SAFETY: `ggml_backend_dev_type` on live local devices.
-    let accelerators: Vec<_> =
-        all.iter().copied().filter(|&d| unsafe { sys::ggml_backend_dev_type(d) } != sys::GGML_BACKEND_DEVICE_TYPE_CPU).collect();
+    let accelerators: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|&d| unsafe { sys::ggml_backend_dev_type(d) } != sys::GGML_BACKEND_DEVICE_TYPE_CPU)
+        .collect();
     if !accelerators.is_empty() {
         return Ok(accelerators);
     }
     // SAFETY: as above.
-    Ok(all.into_iter().filter(|&d| unsafe { sys::ggml_backend_dev_type(d) } == sys::GGML_BACKEND_DEVICE_TYPE_CPU).take(1).collect())
+    Ok(all
+        .into_iter()
+        .filter(|&d| unsafe { sys::ggml_backend_dev_type(d) } == sys::GGML_BACKEND_DEVICE_TYPE_CPU)
+        .take(1)
+        .collect())
 }
 
 /// Runs ggml's RPC server on this machine's devices. Returns only if it could not start (ggml

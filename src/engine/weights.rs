@@ -274,7 +274,10 @@ mod tests {
         let p = placement(&lines, &workers);
         let shown: Vec<(&str, Option<&str>, &str)> =
             p.iter().map(|p| (p.device.as_str(), p.worker.as_deref(), p.layers.as_str())).collect();
-        assert_eq!(shown, vec![("CPU", None, "0-2"), ("RPC0", Some("a:1"), "3-5"), ("RPC1", Some("b:2"), "6-8,output")]);
+        assert_eq!(
+            shown,
+            vec![("CPU", None, "0-2"), ("RPC0", Some("a:1"), "3-5"), ("RPC1", Some("b:2"), "6-8,output")]
+        );
         assert!(placement(&[], &[]).is_empty());
     }
 }

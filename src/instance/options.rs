@@ -396,7 +396,10 @@ mod tests {
         let extra = serde_json::json!({ "rpc": "a:1, b:2", "ts": "3,1" }).as_object().unwrap().clone();
         fold_extra(&mut options, extra).unwrap();
         let o: InstanceOptions = serde_json::from_value(serde_json::Value::Object(options)).unwrap();
-        assert_eq!((o.rpc_server_names(), o.tensor_split.clone()), (vec!["a:1".to_string(), "b:2".into()], Some(vec![3.0, 1.0])));
+        assert_eq!(
+            (o.rpc_server_names(), o.tensor_split.clone()),
+            (vec!["a:1".to_string(), "b:2".into()], Some(vec![3.0, 1.0]))
+        );
         // Workers are part of what weights are shared by.
         let model = Path::new("/m.gguf");
         assert_ne!(o.weights_key(model), InstanceOptions::default().weights_key(model));
