@@ -67,9 +67,11 @@ async fn create_and_start(p: &Paddock, name: &str, options: Value, want: &str) -
     p.wait_status(name, want).await
 }
 
-/// Greedy completion of a fixed prompt: its tokens, their log-probabilities, and each
-/// position's two most likely tokens with theirs.
-async fn greedy(p: &Paddock, model: &str) -> Vec<(String, f64, Vec<(String, f64)>)> {
+/// Per generated token: its text, its log-probability, and the two most likely tokens with theirs.
+type Greedy = Vec<(String, f64, Vec<(String, f64)>)>;
+
+/// Greedy completion of a fixed prompt.
+async fn greedy(p: &Paddock, model: &str) -> Greedy {
     let body = json!({ "model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "logprobs": 2 });
     let (status, body) = p.post("/v1/completions", body).await;
     assert_eq!(status, 200, "{body}");
@@ -124,7 +126,7 @@ async fn layers_over_two_workers_match_local_and_a_down_worker_fails_the_start()
     // kernels, which sum in another order (measured: up to 0.22 nats apart by the 8th token).
     // Flash attention is off in both: with `auto` the first token's log-probability already
     // differed by 0.08 and the text diverged at a near tie (0.015 nats) on the 5th token.
-    let tokens = |t: &[(String, f64, Vec<(String, f64)>)]| t.iter().map(|(t, _, _)| t.clone()).collect::<Vec<_>>();
+    let tokens = |t: &Greedy| t.iter().map(|(t, _, _)| t.clone()).collect::<Vec<_>>();
     assert_eq!(
         tokens(&remote_text),
         tokens(&local_text),

@@ -28,7 +28,9 @@
 //! count tells [`attach`] whether that connection exists (then no probe: it would wait behind it).
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
+#[cfg(feature = "rpc")]
+use std::ffi::CString;
+use std::ffi::CStr;
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream, ToSocketAddrs};
