@@ -1,6 +1,6 @@
 //! The `paddock` command line: parse, load config, call into the library.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -35,7 +35,7 @@ enum Command {
 struct WorkerArgs {
     /// IPv4 address to listen on. Anything but loopback needs --allow-remote.
     #[arg(long, default_value = "127.0.0.1")]
-    host: Ipv4Addr,
+    host: std::net::Ipv4Addr,
     #[arg(long, default_value_t = 50052)]
     port: u16,
     /// Keep tensors clients sent (by hash) here, so a model loads faster the next time.

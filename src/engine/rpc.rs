@@ -206,6 +206,7 @@ fn device_list_lock() -> &'static RwLock<()> {
 
 /// A registered worker: ggml's registry for it (never freed by ggml) and how many loads hold it.
 struct Worker {
+    #[cfg_attr(not(feature = "rpc"), allow(dead_code))]
     reg: sys::ggml_backend_reg_t,
     leases: usize,
 }
