@@ -131,6 +131,35 @@ impl<S: Subscriber> Layer<S> for InstanceLogLayer {
     }
 }
 
+thread_local! {
+    static CAPTURE: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` and returns, with its result, the llama.cpp log lines (debug ones included) this
+/// thread emitted meanwhile: llama.cpp reports some facts, such as which device each layer went
+/// to, only in its log.
+pub fn capture_llama_lines<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    CAPTURE.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let lines = CAPTURE.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (out, lines)
+}
+
+/// Collects llama.cpp's events for [`capture_llama_lines`]; does nothing on threads not capturing.
+pub struct CaptureLayer;
+
+impl<S: Subscriber> Layer<S> for CaptureLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        CAPTURE.with(|capture| {
+            if let Some(lines) = capture.borrow_mut().as_mut() {
+                let mut visitor = MessageVisitor::default();
+                event.record(&mut visitor);
+                lines.push(visitor.message.trim_end().to_string());
+            }
+        });
+    }
+}
+
 #[derive(Default)]
 struct MessageVisitor {
     message: String,
@@ -163,9 +192,12 @@ pub fn init_tracing(default_console: &str) {
     use tracing_subscriber::util::SubscriberInitExt;
     let console = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_console));
     let instance = Targets::new().with_target("llama-cpp-2", Level::INFO).with_target("paddock", Level::INFO);
+    // A static per-target filter: other crates' debug events stay disabled at their call site.
+    let capture = Targets::new().with_target("llama-cpp-2", Level::DEBUG);
     let _ = tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_filter(console))
         .with(InstanceLogLayer.with_filter(instance))
+        .with(CaptureLayer.with_filter(capture))
         .try_init();
 }
 

@@ -28,6 +28,34 @@ enum Command {
     /// protocol on stdin and stdout. Not for direct use.
     #[command(hide = true)]
     InstanceHost,
+    /// Lend this machine's devices (CPU, GPUs of GPU builds) to other paddocks' instances over
+    /// llama.cpp's RPC protocol: they name it in their `rpc_servers`. Runs until killed.
+    #[cfg(feature = "rpc")]
+    Worker(WorkerArgs),
+}
+
+#[cfg(feature = "rpc")]
+#[derive(Parser)]
+struct WorkerArgs {
+    /// IPv4 address to listen on. Anything but loopback needs --allow-remote.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::Ipv4Addr,
+    #[arg(long, default_value_t = 50052)]
+    port: u16,
+    /// Keep tensors clients sent (by hash) here, so a model loads faster the next time.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Threads of the CPU device [default: physical cores].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Devices to expose by ggml name, comma-separated (e.g. CUDA0,CPU) [default: every GPU,
+    /// else the CPU].
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Listen on a non-loopback address. ggml's RPC protocol has no authentication and no
+    /// encryption: anyone who reaches the port can run computations and read what is sent.
+    #[arg(long)]
+    allow_remote: bool,
 }
 
 #[derive(Parser)]
@@ -95,6 +123,8 @@ fn main() -> ExitCode {
         // tracing (llama.cpp's abort message).
         Command::InstanceHost => "off",
         Command::Serve(_) => "info,llama-cpp-2=warn",
+        #[cfg(feature = "rpc")]
+        Command::Worker(_) => "info,llama-cpp-2=warn",
     };
     paddock::logs::init_tracing(default_log);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -108,6 +138,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(paddock::bench::run(args)).map_err(|e| format!("bench: {e}")),
         Command::InstanceHost => runtime.block_on(paddock::engine::host::child::run()),
+        #[cfg(feature = "rpc")]
+        Command::Worker(args) => worker(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,6 +214,44 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         registry.stop_all(StopMode::default()).await;
     };
     paddock::serve(listener, state, shutdown).await.map_err(|e| e.to_string())
+}
+
+/// `paddock worker`: ggml's RPC server, in the foreground until killed.
+#[cfg(feature = "rpc")]
+fn worker(args: WorkerArgs) -> Result<(), String> {
+    use paddock::engine::rpc;
+    if !args.host.is_loopback() {
+        if !args.allow_remote {
+            return Err(format!(
+                "worker: {} is not a loopback address; ggml's RPC protocol has no authentication and no encryption, \
+                 so listening beyond this machine needs --allow-remote (on a private network, or use an SSH tunnel)",
+                args.host
+            ));
+        }
+        tracing::warn!(
+            "worker listening on {}: ggml's RPC protocol has NO authentication and NO encryption; anyone who reaches \
+             this port can use this machine's devices and read the model data sent. Expose it on a private network only.",
+            args.host
+        );
+    }
+    // Initializes llama.cpp and its log forwarding, as an instance would.
+    paddock::engine::backend().map_err(|e| e.to_string())?;
+    let config = rpc::WorkerConfig {
+        listen: std::net::SocketAddrV4::new(args.host, args.port),
+        cache_dir: args.cache_dir,
+        threads: args.threads.unwrap_or_else(|| num_cpus::get_physical().max(1)),
+        devices: args.devices,
+    };
+    let devices = rpc::worker_devices(&config.devices)?;
+    let shown: Vec<String> = devices.iter().map(|(name, description)| format!("{name} ({description})")).collect();
+    tracing::info!(
+        "paddock {} worker on {}: devices {}; instances use it with \"rpc_servers\": [\"{}\"]",
+        paddock::build::VERSION,
+        config.listen,
+        shown.join(", "),
+        config.listen
+    );
+    rpc::serve(&config).map_err(|e| format!("worker: {e}"))
 }
 
 async fn shutdown_signal() {

@@ -322,10 +322,11 @@ async fn stats(State(state): State<AppState>) -> Result<impl IntoResponse, ApiEr
     })))
 }
 
-/// The devices the linked llama.cpp can place layers on (CPU, and GPUs in GPU builds).
+/// The devices the linked llama.cpp can place layers on (CPU, and GPUs in GPU builds). RPC
+/// workers' devices are left out: listing them would ask the workers over the network.
 fn devices() -> Vec<Value> {
     use llama_cpp_2::LlamaBackendDeviceType;
-    llama_cpp_2::list_llama_ggml_backend_devices()
+    crate::engine::rpc::local_devices()
         .into_iter()
         .map(|d| {
             json!({

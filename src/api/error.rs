@@ -183,7 +183,7 @@ impl From<EngineError> for ApiError {
             InvalidToken { .. } => (StatusCode::BAD_REQUEST, "INVALID_TOKEN", "Invalid token id in the prompt"),
             Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "OVERLOADED", "The instance is overloaded"),
             Stopped => (StatusCode::SERVICE_UNAVAILABLE, "INSTANCE_NOT_RUNNING", "Instance is not running"),
-            Load { .. } | LoraLoad { .. } | LoadCancelled | Config(_) => {
+            Load { .. } | LoraLoad { .. } | LoadCancelled | Config(_) | Rpc(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "ENGINE_ERROR", "Engine error")
             }
             Crashed(_) => (StatusCode::SERVICE_UNAVAILABLE, "ENGINE_CRASHED", "The instance's engine died"),

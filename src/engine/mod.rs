@@ -7,6 +7,8 @@
 //! - [`sampling`]: request parameters → sampler chain.
 //! - [`text`]: UTF-8 assembly and stop strings.
 //! - [`chat`]: chat templates (Jinja, from the GGUF), rendered on the HTTP side.
+//! - [`rpc`]: llama.cpp's RPC backend: remote workers' devices, and `paddock worker`.
+//! - [`weights`]: loaded models shared between instances.
 //!
 //! [`Engine`] is the cheap, cloneable handle the rest of paddock uses; [`EngineThread`] owns the
 //! thread and joins it on shutdown. A request reaches the worker as an [`EngineCommand`] over an
@@ -15,6 +17,7 @@
 
 pub mod chat;
 pub mod host;
+pub mod rpc;
 pub mod sampling;
 pub mod scheduler;
 pub mod text;
@@ -52,6 +55,10 @@ pub struct EngineConfig {
     pub n_threads: i32,
     pub n_threads_batch: i32,
     pub n_gpu_layers: u32,
+    /// ggml RPC workers (`host:port`, as the user wrote them) whose devices take layers before
+    /// local GPUs (llama-server's `--rpc`). They count as GPUs: layers reach them only with
+    /// `n_gpu_layers` > 0.
+    pub rpc_servers: Vec<String>,
     /// Slots = llama.cpp sequences decoded together.
     pub n_parallel: u32,
     /// Most tokens in one decode call.
@@ -141,6 +148,8 @@ pub struct ModelInfo {
     pub load_ms: u64,
     /// The weights were already loaded (shared with another instance, or kept while parked).
     pub weights_reused: bool,
+    /// Which device holds which layers (CPU, RPC workers, GPUs), from llama.cpp's load log.
+    pub placement: Vec<weights::LayerPlacement>,
 }
 
 /// The prompt of a generation request.
@@ -299,6 +308,9 @@ pub enum EngineError {
     LoadCancelled,
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// An RPC worker that is down, busy, of another version, or badly named; the message names it.
+    #[error("{0}")]
+    Rpc(String),
     #[error("the prompt has {n_prompt} tokens, but a slot's context holds {n_ctx_slot} (context_size / parallel); at least one token must be left to generate")]
     PromptTooLong { n_prompt: usize, n_ctx_slot: u32 },
     #[error("the prompt is empty")]

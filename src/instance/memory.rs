@@ -218,7 +218,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn key(p: &str) -> Option<WeightsKey> {
-        Some(WeightsKey { path: PathBuf::from(p), n_gpu_layers: 0, lora: vec![], process: None })
+        Some(WeightsKey { path: PathBuf::from(p), n_gpu_layers: 0, rpc_servers: vec![], lora: vec![], process: None })
     }
 
     fn fp(weights: u64, kv: u64) -> Footprint {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::rpc::{RpcEndpoint, MAX_DEVICES};
 use crate::engine::weights::WeightsKey;
 use crate::engine::{EngineConfig, Isolation, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
 use crate::logs::LogBuffer;
@@ -57,9 +58,22 @@ pub struct InstanceOptions {
     /// and `--lora-scaled`. Scales change at run time through `POST …/lora-adapters` or per request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<Vec<LoraOption>>,
-    /// Where the engine runs: `"thread"` (the default: in paddock's process, weights shared
-    /// between instances) or `"process"` (a child process of its own, so a llama.cpp abort ends
-    /// this instance alone and the supervisor restarts it by its policy).
+    /// ggml RPC workers (`paddock worker`) whose devices hold layers, `host:port` with an IPv4
+    /// address or a host name (llama-server's `--rpc`). Their devices come first, then local
+    /// GPUs; they count as GPUs, so `gpu_layers` (default all) decides how many layers leave
+    /// this machine, split between the devices in proportion to their free memory.
+    /// Also accepted as `rpc`.
+    #[serde(alias = "rpc", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<String>>, example = json!(["10.0.0.2:50052"]))]
+    pub rpc_servers: Option<Vec<RpcEndpoint>>,
+    /// llama-server's `--tensor-split`. Not supported yet: llama-cpp-2 0.1.160 has no setter for
+    /// `llama_model_params.tensor_split`, so a non-empty list is refused at validation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor_split: Option<Vec<f32>>,
+    /// Where the engine runs: `"thread"` (in paddock's process, weights shared between
+    /// instances) or `"process"` (a child process of its own, so a llama.cpp abort — a failed
+    /// assert, a lost RPC worker — ends this instance alone and the supervisor restarts it by
+    /// its policy). Default: `"process"` with `rpc_servers`, else `"thread"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isolation: Option<Isolation>,
 }
@@ -90,7 +104,7 @@ pub enum FlashAttn {
 
 /// llama-server command-line flags (long or short, without dashes) that paddock understands,
 /// and the option each sets. Anything else in `extra` is refused by name, never ignored.
-const LLAMA_SERVER_FLAGS: [(&str, &str); 19] = [
+const LLAMA_SERVER_FLAGS: [(&str, &str); 22] = [
     ("ctx-size", "context_size"),
     ("c", "context_size"),
     ("threads", "threads"),
@@ -110,6 +124,9 @@ const LLAMA_SERVER_FLAGS: [(&str, &str); 19] = [
     ("fa", "flash_attn"),
     ("embeddings", "embeddings"),
     ("embedding", "embeddings"),
+    ("rpc", "rpc_servers"),
+    ("tensor-split", "tensor_split"),
+    ("ts", "tensor_split"),
 ];
 
 /// Folds `extra` (llama-server flags by their names, e.g. `{"ctx-size": 4096, "fa": "on"}`) into
@@ -133,6 +150,14 @@ pub fn fold_extra(
         let value = match (*option, value) {
             // llama-server's -fa also takes booleans in config files.
             ("flash_attn", serde_json::Value::Bool(b)) => serde_json::Value::from(if b { "on" } else { "off" }),
+            // llama-server takes lists as one comma-separated argument: `--rpc a:1,b:2`, `-ts 3,1`.
+            ("rpc_servers", serde_json::Value::String(list)) => {
+                list.split(',').map(|s| serde_json::Value::from(s.trim())).collect()
+            }
+            ("tensor_split", serde_json::Value::String(list)) => list
+                .split([',', '/'])
+                .map(|s| s.trim().parse::<f64>().map(serde_json::Value::from).unwrap_or_else(|_| s.trim().into()))
+                .collect(),
             (_, v) => v,
         };
         options.insert((*option).to_string(), value);
@@ -194,6 +219,27 @@ impl InstanceOptions {
                 return Err("paddock applies one LoRA adapter at a time: give at most one a non-zero scale".into());
             }
         }
+        if self.tensor_split.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err("tensor_split is not supported yet (llama-cpp-2 0.1.160 cannot pass it to llama.cpp); \
+                        layers are split between devices in proportion to their free memory"
+                .into());
+        }
+        if let Some(servers) = self.rpc_servers.as_ref().filter(|s| !s.is_empty()) {
+            if !cfg!(feature = "rpc") {
+                return Err("rpc_servers: this paddock was built without the `rpc` feature".into());
+            }
+            if servers.len() > MAX_DEVICES {
+                return Err(format!("rpc_servers: at most {MAX_DEVICES} workers, got {}", servers.len()));
+            }
+            if let Some((i, e)) = servers.iter().enumerate().find(|(i, e)| servers[..*i].contains(e)) {
+                return Err(format!("rpc_servers[{i}]: {e} is listed twice"));
+            }
+            if self.gpu_layers == Some(0) {
+                return Err("rpc_servers: with gpu_layers 0 no layer goes to the workers (they count as GPUs); \
+                            leave gpu_layers unset for all layers, or give how many"
+                    .into());
+            }
+        }
         Ok(())
     }
 
@@ -218,11 +264,22 @@ impl InstanceOptions {
         if other.lora.is_some() {
             self.lora = other.lora.clone();
         }
+        if other.rpc_servers.is_some() {
+            self.rpc_servers = other.rpc_servers.clone();
+        }
+        if other.tensor_split.is_some() {
+            self.tensor_split = other.tensor_split.clone();
+        }
     }
 
-    /// Where the engine runs.
+    /// Where the engine runs. A lost RPC worker aborts the process holding its connection, so
+    /// instances with workers get a process of their own unless told otherwise.
     pub fn isolation(&self) -> Isolation {
-        self.isolation.unwrap_or_default()
+        self.isolation.unwrap_or(if self.rpc_servers.as_ref().is_some_and(|s| !s.is_empty()) {
+            Isolation::Process
+        } else {
+            Isolation::Thread
+        })
     }
 
     /// Layers offloaded: all unless a non-negative number is given (llama-server's -1 = all).
@@ -248,11 +305,16 @@ impl InstanceOptions {
     /// when its engine runs in a process of its own.
     pub fn weights_key(&self, name: &str, model: &Path) -> WeightsKey {
         let lora: Vec<&Path> = self.lora.iter().flatten().map(|l| l.path.as_path()).collect();
-        let mut key = WeightsKey::new(model, self.n_gpu_layers(), &lora);
+        let mut key = WeightsKey::new(model, self.n_gpu_layers(), &self.rpc_server_names(), &lora);
         if self.isolation() == Isolation::Process {
             key.process = Some(name.to_string());
         }
         key
+    }
+
+    /// The workers as `host:port` strings (what the engine takes).
+    fn rpc_server_names(&self) -> Vec<String> {
+        self.rpc_servers.iter().flatten().map(ToString::to_string).collect()
     }
 
     pub fn engine_config(
@@ -270,6 +332,7 @@ impl InstanceOptions {
             n_threads: threads as i32,
             n_threads_batch: self.threads_batch.unwrap_or(threads) as i32,
             n_gpu_layers: self.n_gpu_layers(),
+            rpc_servers: self.rpc_server_names(),
             n_parallel: self.parallel.unwrap_or(DEFAULT_PARALLEL),
             n_batch: self.batch_size.unwrap_or(DEFAULT_BATCH),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE),
@@ -336,6 +399,38 @@ mod tests {
         );
         let repeat = serde_json::json!({ "t": 4 }).as_object().unwrap().clone();
         assert!(fold_extra(&mut options, repeat).unwrap_err().contains("repeats the option `threads`"));
+    }
+
+    #[test]
+    fn rpc_servers_parse_and_validate() {
+        let o: InstanceOptions = serde_json::from_str(r#"{"rpc":["127.0.0.1:50052","box:1"]}"#).unwrap();
+        assert_eq!(o.rpc_server_names(), vec!["127.0.0.1:50052", "box:1"]);
+        assert!(o.validate().is_ok());
+        let err = serde_json::from_str::<InstanceOptions>(r#"{"rpc_servers":["[::1]:5"]}"#).unwrap_err().to_string();
+        assert!(err.contains("IPv4 only"), "{err}");
+        let twice: InstanceOptions = serde_json::from_str(r#"{"rpc_servers":["a:1","a:1"]}"#).unwrap();
+        assert_eq!(twice.validate().unwrap_err(), "rpc_servers[1]: a:1 is listed twice");
+        let none: InstanceOptions = serde_json::from_str(r#"{"rpc_servers":["a:1"],"ngl":0}"#).unwrap();
+        assert!(none.validate().unwrap_err().contains("gpu_layers 0"));
+        let split: InstanceOptions = serde_json::from_str(r#"{"tensor_split":[3,1]}"#).unwrap();
+        assert!(split.validate().unwrap_err().starts_with("tensor_split is not supported yet"));
+        // llama-server's comma-separated flag values.
+        let mut options = serde_json::Map::new();
+        let extra = serde_json::json!({ "rpc": "a:1, b:2", "ts": "3,1" }).as_object().unwrap().clone();
+        fold_extra(&mut options, extra).unwrap();
+        let o: InstanceOptions = serde_json::from_value(serde_json::Value::Object(options)).unwrap();
+        assert_eq!(
+            (o.rpc_server_names(), o.tensor_split.clone()),
+            (vec!["a:1".to_string(), "b:2".into()], Some(vec![3.0, 1.0]))
+        );
+        // Workers are part of what weights are shared by.
+        let model = Path::new("/m.gguf");
+        assert_ne!(o.weights_key("i", model), InstanceOptions::default().weights_key("i", model));
+        // And an instance with workers runs in a process of its own, sharing nothing.
+        assert_eq!(o.isolation(), Isolation::Process);
+        assert_eq!(o.weights_key("i", model).process.as_deref(), Some("i"));
+        let threaded = InstanceOptions { isolation: Some(Isolation::Thread), ..o.clone() };
+        assert_eq!(threaded.weights_key("i", model).process, None);
     }
 
     #[test]

@@ -283,7 +283,7 @@ pub fn model_id(filename: &str) -> String {
 pub fn memory_available() -> (u64, u64) {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
-    let gpu: u64 = llama_cpp_2::list_llama_ggml_backend_devices()
+    let gpu: u64 = crate::engine::rpc::local_devices()
         .into_iter()
         .filter(|d| !matches!(d.device_type, llama_cpp_2::LlamaBackendDeviceType::Cpu))
         .map(|d| d.memory_free as u64)

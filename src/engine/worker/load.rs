@@ -60,6 +60,8 @@ pub(super) fn new_context<'m>(config: &EngineConfig, weights: &'m Weights) -> Re
         .with_swa_full(true);
     let backend = backend()?;
     let _serialized = weights.context_lock.lock();
+    // llama.cpp enumerates ggml's device list while creating a context.
+    let _devices = super::super::rpc::devices_read();
     model.new_context(backend, params).map_err(|e| EngineError::Config(format!("cannot create context: {e}")))
 }
 
@@ -93,6 +95,7 @@ pub(super) fn model_info(config: &EngineConfig, weights: &Weights, ctx: &LlamaCo
         n_embd_input: EMBD_MAX_INPUT.min(n_ctx / config.n_parallel),
         model_path: config.model_path.display().to_string(),
         load_ms: if reused { 0 } else { weights.load_ms },
+        placement: weights.placement.clone(),
         weights_reused: reused,
     }
 }
@@ -124,6 +127,7 @@ pub(super) fn new_embedding_context<'m>(
         .with_embeddings(true)
         .with_pooling_type(pooling);
     let _serialized = weights.context_lock.lock();
+    let _devices = super::super::rpc::devices_read();
     model
         .new_context(backend()?, params)
         .map_err(|e| EngineError::Config(format!("cannot create the embedding context: {e}")))
