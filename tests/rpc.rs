@@ -124,6 +124,22 @@ async fn layers_over_two_workers_match_local_and_a_down_worker_fails_the_start()
     assert!(!local_placement.is_empty() && local_placement.iter().all(|d| d["device"] == "CPU"), "{local_placement:?}");
     assert_ne!(local["model"]["weights_reused"], true, "two placements must not share weights");
     let local_text = greedy(&p, "local").await;
+
+    // The memory budget counts what stays on this machine: the input layer and the compute
+    // buffers, not the layers and KV cells the workers hold; and that is an upper bound of
+    // what the instance's process really holds.
+    let (m_split, m_local) = (&split["memory"], &local["memory"]);
+    assert_eq!(m_split["kv"], 0, "{m_split}");
+    assert!(m_split["weights"].as_u64() < m_local["weights"].as_u64(), "{m_split} vs {m_local}");
+    let pid = split["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let estimate = m_split["total"].as_u64().unwrap();
+    assert!(rss_kib * 1024 <= estimate + estimate / 10, "resident {rss_kib} KiB, estimated {estimate} B");
     // The same greedy tokens. Log-probabilities are close, not equal: on the workers the weights
     // sit in plain CPU buffers, while locally llama.cpp repacks Q4_K weights for its faster
     // kernels, which sum in another order (measured: up to 0.22 nats apart by the 8th token).

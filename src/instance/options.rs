@@ -298,7 +298,10 @@ impl InstanceOptions {
         let n_ctx =
             self.context_size.map_or_else(|| (DEFAULT_CTX_PER_SLOT as u64 * parallel as u64).min(n_train), u64::from);
         let n_ubatch = self.batch_size.unwrap_or(DEFAULT_BATCH).min(MAX_UBATCH);
-        footprint(shape, Layout { n_ctx, n_parallel: parallel as u64, n_ubatch: n_ubatch as u64 })
+        // Layers offloaded go to the workers when there are any (a GPU build would split them
+        // with local GPUs, whose memory the budget does not count either).
+        let remote_layers = if self.rpc_server_names().is_empty() { 0 } else { self.n_gpu_layers() as u64 };
+        footprint(shape, Layout { n_ctx, n_parallel: parallel as u64, n_ubatch: n_ubatch as u64, remote_layers })
     }
 
     /// Which loaded weights the instance `name` with these options and `model` can share: none

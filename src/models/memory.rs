@@ -26,6 +26,11 @@ use serde::Serialize;
 pub struct Shape {
     /// Bytes of tensor data over all parts.
     pub tensor_bytes: u64,
+    /// Of those, the input layer's (`token_embd.*`): llama.cpp keeps it on the CPU wherever the
+    /// other layers go.
+    pub input_bytes: u64,
+    /// Repeating layers (`block_count`).
+    pub n_layer: u64,
     /// KV heads of each layer.
     pub n_head_kv: Vec<u64>,
     pub key_length: u64,
@@ -45,6 +50,9 @@ pub struct Layout {
     pub n_parallel: u64,
     /// Tokens per micro-batch.
     pub n_ubatch: u64,
+    /// Repeating layers held by RPC workers: their weights and KV cells are not in this
+    /// machine's memory.
+    pub remote_layers: u64,
 }
 
 /// Bytes, by what holds them.
@@ -83,9 +91,14 @@ pub fn footprint(shape: &Shape, layout: Layout) -> Footprint {
     // temporaries (≈ 8 rows of n_embd), the feed-forward's gate, up and product (3 of n_ff),
     // and the attention scores over up to 4k cells per head (flash attention tiles them).
     let per_token = 4 * (8 * shape.n_embd + 3 * shape.n_ff + shape.n_head * n_ctx.min(4096) / 8);
+    // What stays here of the layered part (everything but the input layer), pro rata.
+    let n_layer = shape.n_layer.max(1);
+    let local = |bytes: u64| bytes / n_layer * (n_layer - layout.remote_layers.min(n_layer));
+    let layered = local(shape.tensor_bytes.saturating_sub(shape.input_bytes));
+    let tensors = shape.input_bytes.min(shape.tensor_bytes) + layered;
     Footprint {
-        weights: shape.tensor_bytes + shape.tensor_bytes / REPACK_SHARE + shape.n_vocab * VOCAB_BYTES_PER_TOKEN,
-        kv: n_ctx.saturating_mul(per_cell),
+        weights: tensors + tensors / REPACK_SHARE + shape.n_vocab * VOCAB_BYTES_PER_TOKEN,
+        kv: local(n_ctx.saturating_mul(per_cell)),
         compute: CONTEXT_FIXED + logits + layout.n_ubatch * per_token,
     }
 }
@@ -97,6 +110,8 @@ mod tests {
     fn gemma() -> Shape {
         Shape {
             tensor_bytes: 246_582_272,
+            input_bytes: 178_257_920,
+            n_layer: 18,
             n_head_kv: vec![1; 18],
             key_length: 256,
             value_length: 256,
@@ -110,16 +125,30 @@ mod tests {
 
     #[test]
     fn kv_is_every_layer_at_the_padded_context_in_f16() {
-        let f = footprint(&gemma(), Layout { n_ctx: 2048, n_parallel: 1, n_ubatch: 512 });
+        let f = footprint(&gemma(), Layout { n_ctx: 2048, n_parallel: 1, n_ubatch: 512, remote_layers: 0 });
         assert_eq!(f.kv, 36 << 20);
         // 2000 cells are padded to 2048.
-        assert_eq!(footprint(&gemma(), Layout { n_ctx: 2000, n_parallel: 1, n_ubatch: 512 }).kv, 36 << 20);
+        assert_eq!(footprint(&gemma(), Layout { n_ctx: 2000, n_parallel: 1, n_ubatch: 512, remote_layers: 0 }).kv, 36 << 20);
+    }
+
+    #[test]
+    fn layers_on_rpc_workers_leave_only_the_input_layer_and_the_rest_here() {
+        let layout = Layout { n_ctx: 2048, n_parallel: 1, n_ubatch: 512, remote_layers: 0 };
+        let here = footprint(&gemma(), layout);
+        let all_remote = footprint(&gemma(), Layout { remote_layers: u32::MAX as u64, ..layout });
+        let input = 178_257_920;
+        assert_eq!(all_remote.weights, input + input / 20 + 262_144 * 420);
+        assert_eq!(all_remote.kv, 0);
+        assert_eq!(all_remote.compute, here.compute, "the compute buffers stay here");
+        let half = footprint(&gemma(), Layout { remote_layers: 9, ..layout });
+        assert_eq!(half.kv, here.kv / 2);
+        assert!(half.weights > all_remote.weights && half.weights < here.weights);
     }
 
     #[test]
     fn slots_add_logits_rows_and_weights_do_not_depend_on_the_layout() {
-        let one = footprint(&gemma(), Layout { n_ctx: 4096, n_parallel: 1, n_ubatch: 512 });
-        let eight = footprint(&gemma(), Layout { n_ctx: 4096, n_parallel: 8, n_ubatch: 512 });
+        let one = footprint(&gemma(), Layout { n_ctx: 4096, n_parallel: 1, n_ubatch: 512, remote_layers: 0 });
+        let eight = footprint(&gemma(), Layout { n_ctx: 4096, n_parallel: 8, n_ubatch: 512, remote_layers: 0 });
         assert_eq!(eight.compute - one.compute, 7 * 262_144 * 4);
         assert_eq!(one.weights, eight.weights);
         assert_eq!(one.total(), one.weights + one.context());

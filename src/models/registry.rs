@@ -89,7 +89,7 @@ const UBATCH: u64 = 512;
 impl Model {
     pub fn estimate(&self, context: u64) -> Option<MemoryEstimate> {
         let shape = self.shape.as_ref()?;
-        let f = footprint(shape, Layout { n_ctx: context, n_parallel: 1, n_ubatch: UBATCH });
+        let f = footprint(shape, Layout { n_ctx: context, n_parallel: 1, n_ubatch: UBATCH, remote_layers: 0 });
         Some(MemoryEstimate {
             context,
             weights_bytes: f.weights,
@@ -176,15 +176,17 @@ pub fn shape_of(path: &Path) -> Result<Shape, String> {
     let read = |p: &Path| GgufFile::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let file = read(path)?;
     let header = Header::of(&file);
-    let mut tensor_bytes = header.tensor_bytes;
+    let (mut tensor_bytes, mut input_bytes) = (header.tensor_bytes, header.input_bytes);
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     if let (Some((base, 0, total)), Some(dir)) = (split_part(&stem), path.parent()) {
         for index in 1..total {
             let part = dir.join(format!("{base}-{:05}-of-{total:05}.gguf", index + 1));
-            tensor_bytes += Header::of(&read(&part)?).tensor_bytes;
+            let part = Header::of(&read(&part)?);
+            tensor_bytes += part.tensor_bytes;
+            input_bytes += part.input_bytes;
         }
     }
-    header.shape(tensor_bytes).ok_or_else(|| {
+    header.shape(tensor_bytes, input_bytes).ok_or_else(|| {
         format!("{} lacks the layer, head or vocabulary sizes needed to estimate its memory", path.display())
     })
 }
@@ -218,6 +220,8 @@ struct Header {
     context_length: Option<u64>,
     parameters: u64,
     tensor_bytes: u64,
+    /// The input layer's share of `tensor_bytes` (see [`Shape::input_bytes`]).
+    input_bytes: u64,
     n_layer: Option<u64>,
     n_head_kv: Vec<u64>,
     key_length: Option<u64>,
@@ -230,9 +234,11 @@ struct Header {
 
 impl Header {
     /// The memory arithmetic's inputs, with the tensor bytes of every part.
-    fn shape(&self, tensor_bytes: u64) -> Option<Shape> {
+    fn shape(&self, tensor_bytes: u64, input_bytes: u64) -> Option<Shape> {
         Some(Shape {
             tensor_bytes,
+            input_bytes,
+            n_layer: self.n_layer?,
             n_head_kv: self.n_head_kv.clone(),
             key_length: self.key_length?,
             value_length: self.value_length?,
@@ -269,6 +275,9 @@ impl Header {
             context_length: num("context_length"),
             parameters: file.tensors.iter().map(|t| t.dims.iter().product::<u64>()).sum(),
             tensor_bytes: file.tensors.iter().filter_map(|t| t.n_bytes().ok()).sum(),
+            input_bytes: (file.tensors.iter().filter(|t| t.name.starts_with("token_embd.")))
+                .filter_map(|t| t.n_bytes().ok())
+                .sum(),
             n_layer,
             n_head_kv,
             key_length: num("attention.key_length").or(head_dim),
@@ -436,7 +445,8 @@ fn describe(
     let all_present = shards.iter().all(|s| s.present);
     let complete = all_present && error.is_none();
     let architecture = main.and_then(|h| h.architecture.clone());
-    let shape = main.and_then(|h| h.shape(ok.iter().map(|h| h.tensor_bytes).sum()));
+    let shape =
+        main.and_then(|h| h.shape(ok.iter().map(|h| h.tensor_bytes).sum(), ok.iter().map(|h| h.input_bytes).sum()));
     let source = read_source(&first).unwrap_or_else(|| Source { kind: "local".into(), ..Source::default() });
     Model {
         name: main.and_then(|h| h.name.clone()).unwrap_or_else(|| id.clone()),
