@@ -6,12 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 mod common;
 
-use common::process::{client, Paddock};
+use common::process::Paddock;
 
 /// The test model with `output_norm.weight` declared I32 instead of F32: the same byte size,
 /// so every offset and size still adds up and paddock's header check passes it, and llama.cpp
@@ -128,20 +127,12 @@ async fn an_abort_in_an_instance_process_ends_that_instance_alone() {
 
     // An abort in the middle of a stream: the stream ends with an error event and [DONE], and
     // the instance comes back by its restart policy, in a new process, and serves again.
-    let body = json!({ "model": "p", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true });
-    let response = client().post(format!("{}/v1/completions", p.base)).json(&body).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    let mut text = String::new();
-    while !text.contains("\"text\"") {
-        text.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
-    }
-    let killed = std::process::Command::new("kill").args(["-ABRT", &child_pid.to_string()]).status().unwrap();
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while let Some(chunk) = tokio::time::timeout_at(deadline.into(), stream.next()).await.expect("the stream ended") {
-        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-    }
+    let text = p
+        .stream_interrupted("p", || {
+            let killed = std::process::Command::new("kill").args(["-ABRT", &child_pid.to_string()]).status().unwrap();
+            assert!(killed.success());
+        })
+        .await;
     assert!(text.contains("engine_crashed"), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(!text.contains("\"finish_reason\":\"length\""), "the stream did not finish normally: {text}");

@@ -188,22 +188,12 @@ async fn a_worker_killed_mid_generation_fails_its_requests_and_the_instance_retu
     let local_text = greedy(&p, "local").await;
 
     // kill -9 the worker while the instance streams.
-    let body = json!({ "model": "remote", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true });
-    let response =
-        common::process::client().post(format!("{}/v1/completions", p.base)).json(&body).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    let mut text = String::new();
-    use futures::StreamExt;
-    while !text.contains("\"text\"") {
-        text.push_str(&String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()));
-    }
-    worker.child.kill().unwrap();
-    worker.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Some(chunk) = tokio::time::timeout_at(deadline.into(), stream.next()).await.expect("the stream hung") {
-        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-    }
+    let text = p
+        .stream_interrupted("remote", || {
+            worker.child.kill().unwrap();
+            worker.child.wait().unwrap();
+        })
+        .await;
     assert!(text.contains("engine_crashed"), "the request fails with a clear error: {text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
 

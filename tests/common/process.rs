@@ -65,6 +65,28 @@ impl Paddock {
         }
     }
 
+    /// Streams a long greedy completion from `model`, runs `during` once the first token has
+    /// arrived, then reads the stream to its end (at most 60 s) and returns all of it.
+    pub async fn stream_interrupted(&self, model: &str, during: impl FnOnce()) -> String {
+        use futures::StreamExt;
+        let body = serde_json::json!({
+            "model": model, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true
+        });
+        let response = client().post(format!("{}/v1/completions", self.base)).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let mut text = String::new();
+        while !text.contains("\"text\"") {
+            text.push_str(&String::from_utf8_lossy(&stream.next().await.expect("a first token").unwrap()));
+        }
+        during();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), stream.next()).await.expect("the stream hung") {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        text
+    }
+
     /// The process's resident memory, in bytes.
     pub fn rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
