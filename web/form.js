@@ -19,8 +19,8 @@ export function nameProblem(name) {
 
 // Typed options paddock knows by name; other rows are llama-server flags (`extra`).
 const OPTION_NAMES = new Set([
-  'context_size', 'threads', 'threads_batch', 'gpu_layers', 'parallel', 'batch_size', 'queue_size', 'seed',
-  'flash_attn', 'embeddings', 'lora',
+  'context_size', 'threads', 'threads_batch', 'gpu_layers', 'parallel', 'batch_size', 'ubatch_size', 'queue_size',
+  'seed', 'flash_attn', 'embeddings', 'lora', 'rpc_servers', 'isolation', 'tensor_split',
 ]);
 const FORM_OPTIONS = { context_size: 'ctx_size', threads: 'threads', gpu_layers: 'gpu_layers', parallel: 'parallel' };
 

@@ -79,6 +79,11 @@ impl Target {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
+            // llama-server (cpp-httplib) closes a keep-alive connection after 5 s idle, and a
+            // request sent on it as it closes fails with "connection closed before message
+            // completed". Targets sit idle that long while the others take their turn, so
+            // idle connections are dropped here first.
+            .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| invalid(format!("cannot build an HTTP client: {e}")))?;
         Ok(Target {

@@ -40,8 +40,8 @@ pub use sampling::SamplingParams;
 /// Context per slot when the instance gives no context size (capped at the model's training
 /// context).
 pub const DEFAULT_CTX_PER_SLOT: u32 = 4096;
-/// Micro-batch size llama.cpp computes in, at most (llama-server's default).
-pub const MAX_UBATCH: u32 = 512;
+/// Physical batch llama.cpp computes in when the instance gives none (llama-server's default).
+pub const DEFAULT_UBATCH: u32 = 512;
 
 /// Everything an engine thread needs to load a model and serve it. Plain data: built by the
 /// instance layer from validated options.
@@ -63,6 +63,8 @@ pub struct EngineConfig {
     pub n_parallel: u32,
     /// Most tokens in one decode call.
     pub n_batch: u32,
+    /// Most tokens llama.cpp computes at once (its physical batch), and so in one scheduler step.
+    pub n_ubatch: u32,
     /// Requests allowed to wait for a slot; past that they are refused (503).
     pub queue_size: u32,
     /// Default seed of requests that give none; None = random per request.
@@ -116,6 +118,7 @@ pub struct ModelInfo {
     pub n_ctx_train: u32,
     pub n_parallel: u32,
     pub n_batch: u32,
+    pub n_ubatch: u32,
     pub n_vocab: i32,
     pub n_params: u64,
     pub size_bytes: u64,

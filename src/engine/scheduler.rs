@@ -4,7 +4,14 @@
 //! - [`pick_slot`]: which free slot a new request takes, and which cached prefix it reuses
 //!   (its own, or another slot's through a KV copy).
 //! - [`plan_step`]: what goes into the next `llama_batch` — one token for every generating slot,
-//!   then prompt chunks of prefilling slots in admission order, up to `n_batch` tokens.
+//!   then prompt chunks of prefilling slots in admission order, up to `n_ubatch` tokens.
+//!
+//! A step is one physical batch (`n_ubatch`), not the logical `n_batch`: llama.cpp would split a
+//! larger batch into physical ones and compute them in turn anyway, but tokens could only be
+//! sampled after the last of them. Planned step by step, prompts that arrived together get their
+//! first tokens one step after another (the oldest first) instead of all after the slowest,
+//! at no cost in throughput on a CPU. (Multi-GPU pipeline parallelism, which overlaps the
+//! physical batches of one call, is what this gives up.)
 //!
 //! Keeping these pure makes them unit-testable like TGI's queue tests and benchable on their own.
 
@@ -31,11 +38,11 @@ pub struct Chunk {
 /// Fills `plan` for one decode step. `demands` lists busy slots in admission order (oldest first),
 /// so an older prompt finishes prefilling before a newer one starts taking batch space.
 ///
-/// Generating slots come first and always fit: `n_batch` is at least the number of slots
+/// Generating slots come first and always fit: `n_ubatch` is at least the number of slots
 /// (checked when the engine starts), so decoding never starves behind a long prompt.
-pub fn plan_step(demands: &[(usize, SlotDemand)], n_batch: usize, plan: &mut Vec<Chunk>) {
+pub fn plan_step(demands: &[(usize, SlotDemand)], n_ubatch: usize, plan: &mut Vec<Chunk>) {
     plan.clear();
-    let mut budget = n_batch;
+    let mut budget = n_ubatch;
     for &(slot, demand) in demands {
         if demand == SlotDemand::Generate && budget > 0 {
             plan.push(Chunk { slot, n_tokens: 1, logits: true });

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::rpc::{RpcEndpoint, MAX_DEVICES};
 use crate::engine::weights::WeightsKey;
-use crate::engine::{EngineConfig, Isolation, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
+use crate::engine::{EngineConfig, Isolation, DEFAULT_CTX_PER_SLOT, DEFAULT_UBATCH};
 use crate::logs::LogBuffer;
 use crate::models::memory::{footprint, Footprint, Layout, Shape};
 
@@ -39,6 +39,11 @@ pub struct InstanceOptions {
     /// Also accepted as `n_batch`, `batch`.
     #[serde(alias = "n_batch", alias = "batch", skip_serializing_if = "Option::is_none")]
     pub batch_size: Option<u32>,
+    /// Tokens computed at once (llama-server's `-ub`), at most `batch_size`. Paddock also plans
+    /// each decode step to this size, so a prompt finished in one step streams its first token
+    /// while the next prompts are computed. Also accepted as `n_ubatch`, `ubatch`.
+    #[serde(alias = "n_ubatch", alias = "ubatch", skip_serializing_if = "Option::is_none")]
+    pub ubatch_size: Option<u32>,
     /// Requests that may wait for a slot before new ones are refused with 503.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_size: Option<u32>,
@@ -104,7 +109,7 @@ pub enum FlashAttn {
 
 /// llama-server command-line flags (long or short, without dashes) that paddock understands,
 /// and the option each sets. Anything else in `extra` is refused by name, never ignored.
-const LLAMA_SERVER_FLAGS: [(&str, &str); 22] = [
+const LLAMA_SERVER_FLAGS: [(&str, &str); 24] = [
     ("ctx-size", "context_size"),
     ("c", "context_size"),
     ("threads", "threads"),
@@ -118,6 +123,8 @@ const LLAMA_SERVER_FLAGS: [(&str, &str); 22] = [
     ("np", "parallel"),
     ("batch-size", "batch_size"),
     ("b", "batch_size"),
+    ("ubatch-size", "ubatch_size"),
+    ("ub", "ubatch_size"),
     ("seed", "seed"),
     ("s", "seed"),
     ("flash-attn", "flash_attn"),
@@ -189,6 +196,7 @@ impl InstanceOptions {
         range("gpu_layers", self.gpu_layers, -1, 1 << 20)?;
         range("parallel", self.parallel, 1, 256)?;
         range("batch_size", self.batch_size, 1, 1 << 20)?;
+        range("ubatch_size", self.ubatch_size, 1, 1 << 20)?;
         range("queue_size", self.queue_size, 0, 1 << 20)?;
         range("seed", self.seed, -1, u32::MAX as i64)?;
         let parallel = self.parallel.unwrap_or(DEFAULT_PARALLEL);
@@ -202,6 +210,9 @@ impl InstanceOptions {
         }
         if self.batch_size.unwrap_or(DEFAULT_BATCH) < parallel {
             return Err(format!("batch_size must be at least parallel ({parallel})"));
+        }
+        if self.n_ubatch() < parallel {
+            return Err(format!("ubatch_size must be at least parallel ({parallel})"));
         }
         if let Some(lora) = &self.lora {
             if lora.len() > MAX_LORA {
@@ -255,6 +266,7 @@ impl InstanceOptions {
             gpu_layers,
             parallel,
             batch_size,
+            ubatch_size,
             queue_size,
             seed,
             flash_attn,
@@ -297,7 +309,7 @@ impl InstanceOptions {
         let n_train = shape.context_length.unwrap_or(u64::MAX).max(16);
         let n_ctx =
             self.context_size.map_or_else(|| (DEFAULT_CTX_PER_SLOT as u64 * parallel as u64).min(n_train), u64::from);
-        let n_ubatch = self.batch_size.unwrap_or(DEFAULT_BATCH).min(MAX_UBATCH);
+        let n_ubatch = self.n_ubatch();
         // Layers offloaded go to the workers when there are any (a GPU build would split them
         // with local GPUs, whose memory the budget does not count either).
         let remote_layers = if self.rpc_server_names().is_empty() { 0 } else { self.n_gpu_layers() as u64 };
@@ -313,6 +325,11 @@ impl InstanceOptions {
             key.process = Some(name.to_string());
         }
         key
+    }
+
+    /// The physical batch, as llama.cpp will use it: never above the logical one.
+    fn n_ubatch(&self) -> u32 {
+        self.ubatch_size.unwrap_or(DEFAULT_UBATCH).min(self.batch_size.unwrap_or(DEFAULT_BATCH))
     }
 
     /// The workers as `host:port` strings (what the engine takes).
@@ -338,6 +355,7 @@ impl InstanceOptions {
             rpc_servers: self.rpc_server_names(),
             n_parallel: self.parallel.unwrap_or(DEFAULT_PARALLEL),
             n_batch: self.batch_size.unwrap_or(DEFAULT_BATCH),
+            n_ubatch: self.n_ubatch(),
             queue_size: self.queue_size.unwrap_or(DEFAULT_QUEUE),
             seed: self.seed.filter(|&s| s >= 0).map(|s| s as u32),
             flash_attn: match self.flash_attn.unwrap_or(FlashAttn::Auto) {

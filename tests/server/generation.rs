@@ -293,6 +293,34 @@ async fn dropped_stream_frees_the_slot_and_a_full_queue_is_refused() {
     assert!(inst["stats"]["tokens_per_second"].as_f64().unwrap() > 0.0, "{inst}");
 }
 
+/// A decode step is one physical batch (`ubatch_size`, llama-server's `-ub`): a prompt is
+/// computed in steps of that many tokens, and sampled from as soon as its last step is done
+/// rather than after the other prompts of a larger batch. A physical batch too small to hold
+/// one token per slot is refused by name.
+#[tokio::test]
+async fn prompts_are_decoded_one_physical_batch_per_step() {
+    let s = server();
+    let name = "ubatch";
+    let inst =
+        s.running_instance(name, json!({ "context_size": 512, "parallel": 2, "threads": 2, "ubatch_size": 4 })).await;
+    assert_eq!(inst["options"]["ubatch_size"], 4, "{inst}");
+    assert_eq!(inst["model"]["n_ubatch"], 4, "{inst}");
+    let calls =
+        || async { s.get(&format!("/api/instances/{name}")).await.1["stats"]["decode_calls_total"].as_u64().unwrap() };
+    let before = calls().await;
+    let (_, body) = greedy(s, name, PROMPTS[2], 1).await;
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 4, "the prompt spans several steps: {body}");
+    assert_eq!(calls().await - before, prompt.div_ceil(4), "{prompt} prompt tokens, 4 per step");
+
+    // llama-server's spelling, in `extra`.
+    let body = json!({ "model_path": crate::common::model_path(), "options": { "parallel": 4 }, "extra": { "ub": 2 } });
+    let (status, body) = s.post("/api/instances/ub.small", body).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "INVALID_OPTIONS");
+    assert!(body["details"].as_str().unwrap().contains("ubatch_size"), "{body}");
+}
+
 /// The second request with the same long prefix decodes only the new part.
 #[tokio::test]
 async fn prompt_prefix_is_reused() {

@@ -7,7 +7,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::token::LlamaToken;
 
 use super::super::weights::Weights;
-use super::super::{backend, EngineConfig, EngineError, ModelInfo, DEFAULT_CTX_PER_SLOT, MAX_UBATCH};
+use super::super::{backend, EngineConfig, EngineError, ModelInfo, DEFAULT_CTX_PER_SLOT};
 use super::KV_UNIFIED;
 
 /// Below this a slot cannot hold a useful conversation; refuse the configuration.
@@ -39,16 +39,18 @@ pub(super) fn new_context<'m>(config: &EngineConfig, weights: &'m Weights) -> Re
             MIN_CTX_PER_SLOT
         )));
     }
-    if config.n_batch < config.n_parallel {
+    // llama.cpp caps the physical batch at the logical one; so does paddock, before checking it.
+    let n_ubatch = config.n_ubatch.min(config.n_batch);
+    if n_ubatch < config.n_parallel {
         return Err(EngineError::Config(format!(
-            "batch_size {} is smaller than parallel {}: every generating slot needs a place in each batch",
-            config.n_batch, config.n_parallel
+            "batch_size {} / ubatch_size {} is smaller than parallel {}: every generating slot needs a place in each step",
+            config.n_batch, config.n_ubatch, config.n_parallel
         )));
     }
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx))
         .with_n_batch(config.n_batch)
-        .with_n_ubatch(config.n_batch.min(MAX_UBATCH))
+        .with_n_ubatch(n_ubatch)
         .with_n_seq_max(config.n_parallel)
         .with_n_threads(config.n_threads)
         .with_n_threads_batch(config.n_threads_batch)
@@ -76,6 +78,7 @@ pub(super) fn model_info(config: &EngineConfig, weights: &Weights, ctx: &LlamaCo
         n_ctx_train: model.n_ctx_train(),
         n_parallel: config.n_parallel,
         n_batch: ctx.n_batch(),
+        n_ubatch: ctx.n_ubatch(),
         n_vocab: model.n_vocab(),
         n_params: model.n_params(),
         size_bytes: model.size(),

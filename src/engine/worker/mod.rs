@@ -8,7 +8,7 @@
 //! 5. sample every slot that got logits, emit text, finish what is finished.
 //!
 //! Every value that reaches llama.cpp is checked first (see shared/LLAMA-CPP-2.md): batch sizes
-//! within `n_batch`, sequence ids within `n_seq_max`, positions within the slot's context,
+//! within `n_ubatch`, sequence ids within `n_seq_max`, positions within the slot's context,
 //! token ids within the vocabulary, sampling only at indices that requested logits.
 
 mod kv;
@@ -189,7 +189,7 @@ impl<'m> Worker<'m> {
             config: config.clone(),
             weights,
             model: &weights.model,
-            batch: LlamaBatch::new(info.n_batch as usize, 1),
+            batch: LlamaBatch::new(info.n_ubatch as usize, 1),
             ctx,
             embd_ctx: None,
             embed_jobs: VecDeque::new(),
@@ -470,7 +470,7 @@ impl<'m> Worker<'m> {
                 return;
             }
         }
-        scheduler::plan_step(&self.demands, self.info.n_batch as usize, &mut self.plan);
+        scheduler::plan_step(&self.demands, self.info.n_ubatch as usize, &mut self.plan);
         if self.plan.is_empty() {
             return;
         }
@@ -504,7 +504,7 @@ impl<'m> Worker<'m> {
             let a = slot.active.as_mut().expect("planned slots are active");
             let pos0 = slot.cached.len();
             // The prompt fits (validated) and generation stops at the slot's end, so positions
-            // stay below n_ctx_slot; the plan stays within n_batch. Assert our own invariants
+            // stay below n_ctx_slot; the plan stays within n_ubatch. Assert our own invariants
             // in Rust rather than let llama.cpp abort.
             if pos0 + chunk.n_tokens > self.info.n_ctx_slot as usize {
                 return Err(EngineError::Decode(format!("slot {} would pass its context", chunk.slot)));
