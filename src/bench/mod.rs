@@ -157,6 +157,11 @@ pub struct BenchArgs {
     /// memory sampled at the end is that of N models loaded.
     #[arg(long, value_name = "K", default_value_t = 1, requires = "swap_models")]
     pub max_loaded: u32,
+    /// With --swap-models: give paddock a memory_budget that holds only --max-loaded models, so
+    /// a model that gives way frees its weights (as the router's unload does) instead of staying
+    /// parked in memory, and every swap loads from disk.
+    #[arg(long, requires = "swap_models")]
+    pub swap_cold: bool,
 }
 
 /// Runs the benchmark; Ctrl-C stops it, and dropping the run kills what it spawned.
@@ -244,6 +249,24 @@ struct SwapModels {
     _dir: tempfile::TempDir,
 }
 
+impl SwapModels {
+    /// A memory budget with room for `max_loaded` of the models but not one more, by paddock's
+    /// own estimate of what an instance with these settings holds.
+    fn cold_budget(&self, max_loaded: u32, settings: ServerSettings) -> Result<u64, BenchError> {
+        let model = &self.models[0].path;
+        let shape = crate::models::registry::shape_of(model)
+            .map_err(|why| BenchError::Models { dir: self._dir.path().to_path_buf(), why })?;
+        let options = crate::instance::options::InstanceOptions {
+            threads: Some(settings.threads),
+            context_size: Some(settings.ctx_size),
+            parallel: Some(settings.parallel),
+            ..Default::default()
+        };
+        let one = options.footprint(&shape).total();
+        Ok(one * u64::from(max_loaded) + one / 2)
+    }
+}
+
 /// Starts the spawned servers and builds every target, in baseline-first order.
 async fn targets(
     args: &BenchArgs,
@@ -264,7 +287,11 @@ async fn targets(
     // Start all first, then wait for all: the servers load their models at the same time.
     for (kind, program, model) in spawns {
         let serve = match swap {
-            Some(s) => Serve::Many { dir: s._dir.path(), max_loaded: args.max_loaded },
+            Some(s) => Serve::Many {
+                dir: s._dir.path(),
+                max_loaded: args.max_loaded,
+                memory_budget: args.swap_cold.then(|| s.cold_budget(args.max_loaded, settings)).transpose()?,
+            },
             None => Serve::One(&model),
         };
         let spawned = Spawned::start(kind, &program, serve, settings)?;

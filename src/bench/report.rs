@@ -256,7 +256,11 @@ fn swap_table(out: &mut String, swap: &SwapReport, base: &str) {
         "\nswap: {} models, at most {} loaded: {}",
         swap.models.len(),
         swap.max_loaded,
-        if swap.cold { "every request loads its model" } else { "all stay loaded (no swaps)" }
+        match (swap.cold, swap.paddock_cold) {
+            (false, _) => "all stay loaded (no swaps)",
+            (true, true) => "every request loads its model (paddock's memory budget holds only those)",
+            (true, false) => "every request swaps (paddock parks the model that gives way, weights kept)",
+        }
     );
     let width = swap.targets.iter().map(|t| t.target.len()).max().unwrap_or(6).max(6);
     let _ = writeln!(

@@ -63,7 +63,8 @@ pub enum Serve<'a> {
     One(&'a Path),
     /// Every GGUF in `dir`, loaded on demand, at most `max_loaded` at once (least recently used
     /// unloaded first).
-    Many { dir: &'a Path, max_loaded: u32 },
+    /// `memory_budget`: paddock's, in bytes (else its default, which parks what gives way).
+    Many { dir: &'a Path, max_loaded: u32, memory_budget: Option<u64> },
 }
 
 /// What `/proc/PID/status` says about a spawned server's memory, summed over its process tree:
@@ -131,16 +132,19 @@ impl Spawned {
                 let name_flag = if kind == Kind::Paddock { "--model-name" } else { "--alias" };
                 args.extend(["-m".into(), model.to_string_lossy().into_owned(), name_flag.into(), model_name.clone()]);
             }
-            (Kind::Paddock, Serve::Many { max_loaded, .. }) => {
+            (Kind::Paddock, Serve::Many { max_loaded, memory_budget, .. }) => {
                 // Rate limits off: the benchmark creates instances faster than the default allows.
                 let config = scratch.path().join("paddock.yaml");
-                let yaml = format!(
+                let mut yaml = format!(
                     "max_running_instances: {max_loaded}\nrate_limits: {{ management: null, heavy: null, inference: null }}\n"
                 );
+                if let Some(bytes) = memory_budget {
+                    yaml.push_str(&format!("memory_budget: \"{bytes}\"\n"));
+                }
                 std::fs::write(&config, yaml).map_err(|e| fail(format!("cannot write {}: {e}", config.display())))?;
                 args.extend(["--config".into(), config.to_string_lossy().into_owned()]);
             }
-            (Kind::LlamaServer, Serve::Many { dir, max_loaded }) => {
+            (Kind::LlamaServer, Serve::Many { dir, max_loaded, .. }) => {
                 args.extend([
                     "--models-dir".into(),
                     dir.to_string_lossy().into_owned(),
@@ -326,7 +330,7 @@ mod tests {
                 .unwrap()
                 .to_string();
         assert!(e.contains("/nonexistent.gguf") && e.contains("paddock"), "{e}");
-        let many = Serve::Many { dir: Path::new("/nonexistent-dir"), max_loaded: 1 };
+        let many = Serve::Many { dir: Path::new("/nonexistent-dir"), max_loaded: 1, memory_budget: None };
         let e = Spawned::start(Kind::LlamaServer, Path::new("/bin/true"), many, settings).err().unwrap().to_string();
         assert!(e.contains("model directory /nonexistent-dir"), "{e}");
         let model = tempfile::NamedTempFile::new().unwrap();

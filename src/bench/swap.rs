@@ -95,6 +95,9 @@ pub struct SwapReport {
     pub max_loaded: u32,
     /// Whether every measured request named a model that was not loaded (max_loaded < models).
     pub cold: bool,
+    /// Whether paddock's memory budget held only max_loaded models (`--swap-cold`), so its
+    /// swaps loaded from disk too; else it kept the weights of what gave way (parked).
+    pub paddock_cold: bool,
     /// The servers, baseline first, then the in-process reference (named [`BARE`]).
     pub targets: Vec<SwapTarget>,
 }
@@ -226,6 +229,7 @@ pub(super) async fn run(
         models: models.iter().map(|m| m.name.clone()).collect(),
         max_loaded,
         cold: (max_loaded as usize) < n,
+        paddock_cold: args.swap_cold,
         targets,
     })
 }

@@ -81,7 +81,8 @@ impl Paddock {
         }
         during();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), stream.next()).await.expect("the stream hung") {
+        while let Some(chunk) = tokio::time::timeout_at(deadline.into(), stream.next()).await.expect("the stream hung")
+        {
             text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
         }
         text
