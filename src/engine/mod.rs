@@ -9,6 +9,7 @@
 //! - [`chat`]: chat templates (Jinja, from the GGUF), rendered on the HTTP side.
 //! - [`rpc`]: llama.cpp's RPC backend: remote workers' devices, and `paddock worker`.
 //! - [`weights`]: loaded models shared between instances.
+//! - [`heap`]: returning freed llama.cpp buffers to the system after a stop (glibc arenas).
 //!
 //! [`Engine`] is the cheap, cloneable handle the rest of paddock uses; [`EngineThread`] owns the
 //! thread and joins it on shutdown. A request reaches the worker as an [`EngineCommand`] over an
@@ -16,6 +17,7 @@
 //! its own channel as [`StreamEvent`]s.
 
 pub mod chat;
+pub mod heap;
 pub mod host;
 pub mod rpc;
 pub mod sampling;
@@ -591,6 +593,9 @@ impl EngineThread {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     worker::run(config, rx, ready_tx, thread_stats)
                 }));
+                // The context (and the weights, if this was their last holder) is freed by
+                // now: hand its buffers back before the next engine's thread allocates anew.
+                heap::release_freed_memory("engine stopped");
                 let report = match outcome {
                     Ok(r) => r,
                     Err(panic) => Err(panic_message(&panic)),

@@ -17,6 +17,7 @@ use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use super::heap::ReleaseOnDrop;
 use super::rpc::{self, RpcLease};
 use super::{backend, EngineConfig, EngineError};
 
@@ -70,6 +71,10 @@ pub struct Weights {
     /// The RPC workers' devices this model uses. After `model`: fields drop in order, so the
     /// lease ends once ggml has freed the model's buffers on them (and closed its connection).
     _rpc: Option<RpcLease>,
+    /// Last: once the model is freed, its repacked weights go back to the system instead of
+    /// staying in a malloc arena (see [`heap`](super::heap)). Parked weights are often freed
+    /// by the registry, not by an engine thread, so this lives here.
+    _release: ReleaseOnDrop,
 }
 
 /// Consecutive layers on one device (`GET /api/instances/{name}` → `model.placement`).
@@ -196,6 +201,7 @@ fn load(config: &EngineConfig, key: WeightsKey) -> Result<Weights, EngineError> 
         load_ms: started.elapsed().as_millis() as u64,
         placement,
         _rpc: lease,
+        _release: ReleaseOnDrop("weights freed"),
     })
 }
 
