@@ -211,7 +211,17 @@ impl Target {
             ..Default::default()
         };
         let body = self.body(endpoint, job, temperature, true);
-        if let Err(e) = self.stream(endpoint, &body, start, &mut record).await {
+        let mut start = start;
+        let mut result = self.stream(endpoint, &body, start, &mut record).await;
+        // A server may close an idle kept-alive connection just as a request goes out on it
+        // (llama-server did, a few times in a hundred requests): nothing was answered, so the
+        // request is sent once more, on a new connection, and timed from there.
+        if matches!(&result, Err(e) if e.contains("connection closed before message completed")) {
+            record.resent = true;
+            start = Instant::now();
+            result = self.stream(endpoint, &body, start, &mut record).await;
+        }
+        if let Err(e) = result {
             record.error = Some(e);
         }
         record.e2e_ms = ms(start.elapsed());

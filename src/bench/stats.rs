@@ -41,6 +41,10 @@ pub struct RequestRecord {
     pub tpot_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Whether the request was sent again because the server closed the kept-alive connection
+    /// it went out on before answering (its timings are those of the second attempt).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 impl RequestRecord {
