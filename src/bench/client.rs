@@ -79,10 +79,9 @@ impl Target {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(timeout)
-            // llama-server (cpp-httplib) closes a keep-alive connection after 5 s idle, and a
-            // request sent on it as it closes fails with "connection closed before message
-            // completed". Targets sit idle that long while the others take their turn, so
-            // idle connections are dropped here first.
+            // llama-server (cpp-httplib) closes a kept-alive connection after 5 s idle, and
+            // targets sit idle that long while the others take their turn: such connections are
+            // dropped here first. (A close can still race a request; `run` sends it again.)
             .pool_idle_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| invalid(format!("cannot build an HTTP client: {e}")))?;

@@ -9,9 +9,10 @@
 //! A step is one physical batch (`n_ubatch`), not the logical `n_batch`: llama.cpp would split a
 //! larger batch into physical ones and compute them in turn anyway, but tokens could only be
 //! sampled after the last of them. Planned step by step, prompts that arrived together get their
-//! first tokens one step after another (the oldest first) instead of all after the slowest,
-//! at no cost in throughput on a CPU. (Multi-GPU pipeline parallelism, which overlaps the
-//! physical batches of one call, is what this gives up.)
+//! first tokens one step after another (the oldest first) instead of all after the slowest.
+//! On a CPU the aggregate throughput stays level; what moves is when each stream waits, since a
+//! newer prompt's step now lands between two tokens of the older streams. (Multi-GPU pipeline
+//! parallelism, which overlaps the physical batches of one call, is what this gives up.)
 //!
 //! Keeping these pure makes them unit-testable like TGI's queue tests and benchable on their own.
 
