@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::engine::{EngineThread, GenerateRequest, Prompt, SamplingParams, StreamEvent};
-use crate::instance::options::InstanceOptions;
 use crate::logs::LogBuffer;
 
 use super::spawn::ServerSettings;
@@ -28,12 +27,7 @@ pub async fn first_token(name: &str, model: &Path, settings: ServerSettings, job
         model: Some(name.to_string()),
         ..Default::default()
     };
-    let options = InstanceOptions {
-        threads: Some(settings.threads),
-        context_size: Some(settings.ctx_size),
-        parallel: Some(settings.parallel),
-        ..Default::default()
-    };
+    let options = settings.instance_options();
     let config = options.engine_config(
         &format!("bench-{name}"),
         model.to_path_buf(),

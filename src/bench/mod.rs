@@ -256,13 +256,7 @@ impl SwapModels {
         let model = &self.models[0].path;
         let shape = crate::models::registry::shape_of(model)
             .map_err(|why| BenchError::Models { dir: self._dir.path().to_path_buf(), why })?;
-        let options = crate::instance::options::InstanceOptions {
-            threads: Some(settings.threads),
-            context_size: Some(settings.ctx_size),
-            parallel: Some(settings.parallel),
-            ..Default::default()
-        };
-        let one = options.footprint(&shape).total();
+        let one = settings.instance_options().footprint(&shape).total();
         Ok(one * u64::from(max_loaded) + one / 2)
     }
 }

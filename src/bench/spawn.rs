@@ -27,6 +27,18 @@ pub struct ServerSettings {
     pub parallel: u32,
 }
 
+impl ServerSettings {
+    /// The same settings as a paddock instance's options.
+    pub fn instance_options(&self) -> crate::instance::options::InstanceOptions {
+        crate::instance::options::InstanceOptions {
+            threads: Some(self.threads),
+            context_size: Some(self.ctx_size),
+            parallel: Some(self.parallel),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {

@@ -83,13 +83,10 @@ pub struct MemoryEstimate {
     pub total_mb: u64,
 }
 
-/// llama.cpp's default micro-batch (`n_ubatch`).
-const UBATCH: u64 = 512;
-
 impl Model {
     pub fn estimate(&self, context: u64) -> Option<MemoryEstimate> {
         let shape = self.shape.as_ref()?;
-        let f = footprint(shape, Layout { n_ctx: context, n_parallel: 1, n_ubatch: UBATCH, remote_layers: 0 });
+        let f = footprint(shape, Layout { n_ctx: context, n_parallel: 1, n_ubatch: crate::engine::DEFAULT_UBATCH as u64, remote_layers: 0 });
         Some(MemoryEstimate {
             context,
             weights_bytes: f.weights,
