@@ -77,6 +77,14 @@ pub struct Weights {
     _release: ReleaseOnDrop,
 }
 
+impl Weights {
+    /// Whether every layer sits in this process's RAM (none on a GPU or an RPC worker), as
+    /// llama.cpp reported the placement; false when it did not say.
+    pub fn in_host_memory(&self) -> bool {
+        !self.placement.is_empty() && self.placement.iter().all(|p| p.device == "CPU")
+    }
+}
+
 /// Consecutive layers on one device (`GET /api/instances/{name}` → `model.placement`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct LayerPlacement {
@@ -151,7 +159,7 @@ fn load(config: &EngineConfig, key: WeightsKey) -> Result<Weights, EngineError> 
     let backend = backend()?;
     let path = config.model_path.display().to_string();
     // llama.cpp's loader can crash on some corrupt files: paddock reads the header first.
-    if let Err(e) = crate::models::gguf::validate(&config.model_path) {
+    if let Err(e) = crate::models::gguf::validate_once(&config.model_path) {
         return Err(EngineError::Load { path, reason: e.to_string() });
     }
     let cancel = config.cancel_load.clone();
