@@ -343,16 +343,75 @@ fn with_every_model_loaded_nothing_swaps_and_memory_covers_all() {
 fn swap_flags_that_cannot_work_are_refused() {
     let model = common::model_path();
     let model = model.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let server = "/nonexistent/llama-server";
+    let cases: [(&[&str], &str); 8] = [
         (&["--spawn-paddock", model, "--swap-models=1"], "at least 2"),
         (&["--spawn-paddock", model, "--swap-models=2", "--max-loaded=3"], "--max-loaded must be between 1 and"),
         (&["--target", "a=http://127.0.0.1:1", "--swap-models=2"], "cannot be used with"),
         (&["--spawn-paddock", model, "--max-loaded=2"], "--swap-models"),
         (&["--spawn-paddock", model, "--swap-models=2", "--rate=1"], "cannot be used with"),
+        (&["--spawn-paddock", model, "--ceilings"], "--spawn-llama-server"),
+        (&["--spawn-llama-server", server, "--spawn-paddock", model, "--ceilings", "--prompt-tokens=8..16"], "fixed"),
+        (&["--spawn-llama-server", server, "--spawn-paddock", model, "--ceilings"], "scripts/build-llama-tools"),
     ];
     for (args, want) in cases {
         let (out, text) = bench(&[args, &["--quiet"]].concat());
         assert!(!out.status.success(), "{args:?}: {text}");
         assert!(text.contains(want), "{args:?}: {want:?} missing from {text}");
+    }
+}
+
+/// `--ceilings`: llama.cpp's llama-batched-bench and llama-bench, from llama-server's build, run
+/// after each point on the same settings, and every target's share of their figures.
+#[test]
+fn ceilings_come_from_llama_cpps_tools_on_the_same_settings() {
+    let Some(server) = llama_server() else { return };
+    let model = common::model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("out.json");
+    let (out, text) = bench(&[
+        "--spawn-llama-server",
+        server.to_str().unwrap(),
+        "--spawn-paddock",
+        model.to_str().unwrap(),
+        "--threads=2",
+        "--parallel=2",
+        "--ctx-size=512",
+        "--concurrency=1,4",
+        "--requests=4",
+        "--max-tokens=4",
+        "--prompt-tokens=16",
+        "--warmup=1",
+        "--ceilings",
+        "--quiet",
+        "--json",
+        json_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ceiling: llama-batched-bench, 1 sequence:"), "{text}");
+    assert!(text.contains("vs ceiling: llama-server"), "{text}");
+    let report = read_json(&json_path);
+    for (point, sequences) in report["results"].as_array().unwrap().iter().zip([1, 2]) {
+        let c = &point["ceiling"];
+        // 4 streams on 2 slots: the engine decodes 2 sequences at a time.
+        assert_eq!(c["sequences"], sequences, "{c}");
+        let figure = |key: &str| c[key].as_f64().unwrap_or_else(|| panic!("no {key}: {c}"));
+        // Output over prompts and decode together is below the decode rate alone.
+        assert!(
+            0.0 < figure("batched_output_tok_s") && figure("batched_output_tok_s") < figure("batched_decode_tok_s"),
+            "{c}"
+        );
+        assert!(figure("batched_prompt_tok_s") > 0.0, "{c}");
+        assert_eq!(c["bench_decode_tok_s"].is_number(), sequences == 1, "{c}");
+        let commands = c["commands"].as_array().unwrap();
+        assert!(commands[0].as_str().unwrap().contains(&format!("-npl {sequences}")), "{c}");
+        let vs = point["vs_ceiling"].as_array().unwrap();
+        assert_eq!(vs.len(), 2, "{point}");
+        for v in vs {
+            // A server on the same engine cannot be far from it, nor above it by much (noise).
+            let output = v["output"].as_f64().unwrap();
+            assert!((0.2..2.0).contains(&output), "{v}");
+            assert_eq!(v["stream"].is_number(), sequences == 1, "{v}");
+        }
     }
 }

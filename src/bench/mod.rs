@@ -7,6 +7,7 @@
 //! - [`stats`]: per-request records, percentiles, summaries, ratios.
 //! - [`report`]: the JSON document and the printed table; [`plot`]: the SVG.
 //! - [`swap`]: the cold-start scenario (`--swap-models`), against [`bare`], an in-process load.
+//! - [`ceiling`]: llama.cpp's own benchmark tools on the same settings (`--ceilings`).
 //!
 //! A run: start the spawned servers and probe every target; calibrate prompt sizes with the
 //! first target's tokenizer; warm each target up; then for each sweep point run rounds of
@@ -19,6 +20,7 @@
 //! copies of the model, at most `--max-loaded` at once, and requests go to each in turn.
 
 pub mod bare;
+pub mod ceiling;
 pub mod client;
 pub mod plot;
 pub mod report;
@@ -162,6 +164,11 @@ pub struct BenchArgs {
     /// parked in memory, and every swap loads from disk.
     #[arg(long, requires = "swap_models")]
     pub swap_cold: bool,
+    /// After each concurrency point, run llama.cpp's llama-batched-bench (and, at 1 stream,
+    /// llama-bench) from --spawn-llama-server's build directory on the same model, threads,
+    /// context and token counts, and give every target's ratio to these ceilings.
+    #[arg(long, requires = "spawn_llama_server", conflicts_with_all = ["rate", "swap_models"])]
+    pub ceilings: bool,
 }
 
 /// Runs the benchmark; Ctrl-C stops it, and dropping the run kills what it spawned.
@@ -213,6 +220,10 @@ fn check(args: &BenchArgs) -> Result<Vec<Point>, BenchError> {
             return usage("--swap-models copies one model for both servers: --spawn-model must be --spawn-paddock's");
         }
         return Ok(Vec::new());
+    }
+    if args.ceilings && (args.prompt_tokens.min != args.prompt_tokens.max || args.max_tokens.min != args.max_tokens.max)
+    {
+        return usage("--ceilings needs fixed --prompt-tokens and --max-tokens: the tools take one size each");
     }
     let points: Vec<Point> = if args.rate.is_empty() {
         if args.concurrency.contains(&0) {
@@ -440,6 +451,11 @@ fn progress(args: &BenchArgs, total: Option<u64>) -> ProgressBar {
 
 async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     let points = check(&args)?;
+    // Before anything starts: a missing tool is a usage error, not a failure after the sweep.
+    let tools = match (&args.spawn_llama_server, args.ceilings) {
+        (Some(server), true) => Some(ceiling::tools(server)?),
+        _ => None,
+    };
     let settings = settings(&args, &points);
     let started_at = chrono::Utc::now().to_rfc3339();
     let swap_models = match args.swap_models {
@@ -478,6 +494,7 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     // Per point, per target: records and summed wall time.
     let mut collected: Vec<Vec<(Vec<RequestRecord>, f64)>> = vec![vec![(Vec::new(), 0.0); n]; points.len()];
     let mut turns: Vec<TurnRecord> = Vec::new();
+    let mut ceilings: Vec<Option<ceiling::Ceiling>> = vec![None; points.len()];
     for (p, &point) in points.iter().enumerate() {
         let rounds = match args.duration {
             Some(_) if n > 1 => args.turns,
@@ -509,6 +526,16 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
                 slot.1 += wall;
             }
         }
+        if let (Some(tools), Point::Concurrency(streams)) = (&tools, point) {
+            bar.set_message(format!("{} · llama-batched-bench", point.label()));
+            let model = args.spawn_model.clone().or_else(|| args.spawn_paddock.clone()).unwrap_or_default();
+            let (tools, (pp, tg)) = (tools.clone(), (args.prompt_tokens.max, args.max_tokens.max));
+            let measured =
+                tokio::task::spawn_blocking(move || ceiling::measure(&tools, &model, settings, streams, pp, tg))
+                    .await
+                    .map_err(|e| BenchError::Spawn { kind: "llama.cpp tool", why: e.to_string() })??;
+            ceilings[p] = Some(measured);
+        }
     }
     bar.finish_and_clear();
 
@@ -519,10 +546,11 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     let results = points
         .iter()
         .zip(collected)
-        .map(|(&point, per_target)| {
+        .zip(ceilings)
+        .map(|((&point, per_target), ceiling)| {
             let per_target =
                 infos.iter().zip(per_target).map(|(i, (recs, wall))| (i.name.clone(), recs, wall)).collect();
-            PointResult::new(point, per_target)
+            PointResult::new(point, per_target, ceiling)
         })
         .collect();
     let mode = if args.rate.is_empty() { "closed_loop" } else { "open_loop" };

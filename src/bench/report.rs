@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::ceiling::{Ceiling, VsCeiling};
 use super::client::Endpoint;
 use super::spawn::SpawnInfo;
 use super::stats::{Distribution, Ratios, RequestRecord, Summary};
@@ -109,6 +110,11 @@ pub struct PointResult {
     pub point: Point,
     pub x: f64,
     pub targets: Vec<TargetResult>,
+    /// llama.cpp's tools on the same settings (`--ceilings`), and each target against them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<Ceiling>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vs_ceiling: Vec<VsCeiling>,
 }
 
 #[derive(Debug, Serialize)]
@@ -122,7 +128,11 @@ pub struct TargetResult {
 
 impl PointResult {
     /// Summaries and ratios of one point from each target's records and wall time, in target order.
-    pub fn new(point: Point, per_target: Vec<(String, Vec<RequestRecord>, f64)>) -> PointResult {
+    pub fn new(
+        point: Point,
+        per_target: Vec<(String, Vec<RequestRecord>, f64)>,
+        ceiling: Option<Ceiling>,
+    ) -> PointResult {
         let mut targets: Vec<TargetResult> = per_target
             .into_iter()
             .map(|(target, requests, wall_s)| TargetResult {
@@ -137,7 +147,9 @@ impl PointResult {
                 t.ratios = Some(Ratios::of(&t.summary, &base));
             }
         }
-        PointResult { point, x: point.x(), targets }
+        let vs_ceiling =
+            ceiling.iter().flat_map(|c| targets.iter().map(move |t| VsCeiling::of(&t.target, &t.summary, c))).collect();
+        PointResult { point, x: point.x(), targets, ceiling, vs_ceiling }
     }
 }
 
@@ -213,6 +225,9 @@ pub fn table(report: &Report) -> String {
             for e in &s.error_samples {
                 let _ = writeln!(out, "    error: {e}");
             }
+        }
+        if let Some(c) = &point.ceiling {
+            ceiling_lines(&mut out, c, &point.vs_ceiling, report.config.max_tokens.max);
         }
     }
     if let Some(swap) = &report.swap {
@@ -308,4 +323,32 @@ fn swap_table(out: &mut String, swap: &SwapReport, base: &str) {
             let _ = writeln!(out, "    error: {e}");
         }
     }
+}
+
+/// Under a point's rows: llama.cpp's own figures, and each target's share of them.
+fn ceiling_lines(out: &mut String, c: &Ceiling, vs: &[VsCeiling], output_tokens: u32) {
+    let _ = write!(
+        out,
+        "  ceiling: llama-batched-bench, {} sequence{}: output {:.1} t/s (prompts {:.1} t/s, decode {:.1} t/s)",
+        c.sequences,
+        if c.sequences == 1 { "" } else { "s" },
+        c.batched_output_tok_s,
+        c.batched_prompt_tok_s,
+        c.batched_decode_tok_s
+    );
+    if let Some(tg) = c.bench_decode_tok_s {
+        let _ = write!(out, " · llama-bench tg{output_tokens}: {tg:.1} t/s");
+    }
+    out.push('\n');
+    let shares: Vec<String> = vs
+        .iter()
+        .map(|v| {
+            let mut s = format!("{} {} output, {} decode", v.target, ratio(v.output), ratio(v.decode));
+            if c.bench_decode_tok_s.is_some() {
+                let _ = write!(s, ", {} stream", ratio(v.stream));
+            }
+            s
+        })
+        .collect();
+    let _ = writeln!(out, "  vs ceiling: {}", shares.join(" · "));
 }
