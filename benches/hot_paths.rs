@@ -8,8 +8,10 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use paddock::api::oai_output::{self, Kind, Output};
+use paddock::engine::sampling::Prefilter;
 use paddock::engine::scheduler::{pick_slot, plan_step, SlotCache, SlotDemand};
 use paddock::engine::text::{StopMatcher, Utf8Assembler};
+use paddock::engine::SamplingParams;
 use paddock::engine::{FinishReason, Generation, StreamEvent, Usage};
 
 fn text(c: &mut Criterion) {
@@ -97,6 +99,30 @@ fn sampling(c: &mut Criterion) {
             true,
         );
         b.iter(|| step(black_box(&mut chain)))
+    });
+    // The same chain from the 40 largest logits, found by paddock's prefilter (what the worker
+    // does for every request whose chain allows it).
+    c.bench_function("sample_262k_vocab_default_chain_prefiltered", |b| {
+        let prefilter = Prefilter::of(&SamplingParams::default()).unwrap();
+        let mut chain = LlamaSampler::chain(
+            [
+                LlamaSampler::top_k(40),
+                LlamaSampler::top_p(0.95, 1),
+                LlamaSampler::min_p(0.05, 1),
+                LlamaSampler::temp(0.8),
+                LlamaSampler::dist(1),
+            ],
+            true,
+        );
+        let mut scratch = Vec::new();
+        b.iter(|| {
+            prefilter.candidates(black_box(&logits), &mut scratch);
+            let mut candidates = LlamaTokenDataArray::new(std::mem::take(&mut scratch), true);
+            chain.apply(&mut candidates);
+            let tok = candidates.selected_token();
+            scratch = candidates.data;
+            tok
+        })
     });
     c.bench_function("sample_262k_vocab_greedy", |b| {
         let mut chain = LlamaSampler::chain([LlamaSampler::greedy()], true);

@@ -25,10 +25,11 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use super::sampling;
+use super::sampling::{self, Prefilter};
 use super::scheduler::{self, Chunk, SlotCache, SlotDemand};
 use super::text::{StopMatcher, StopOutcome, Utf8Assembler};
 use super::weights::{self, Weights};
@@ -67,6 +68,8 @@ struct Active {
     job: Job,
     lora: Scales,
     sampler: LlamaSampler,
+    /// Set when the sampler needs only the largest logits (see [`Prefilter`]).
+    prefilter: Option<Prefilter>,
     grammar: Option<LlamaSampler>,
     /// Sampled, not yet decoded; decoded in the next step to produce the next logits.
     next_token: Option<LlamaToken>,
@@ -166,6 +169,7 @@ struct Worker<'m> {
     /// Scratch buffers reused every token.
     piece: Vec<u8>,
     ranked: Vec<(f32, i32)>,
+    candidates: Vec<LlamaTokenData>,
     decoded: String,
     text: String,
     clock: u64,
@@ -205,6 +209,7 @@ impl<'m> Worker<'m> {
             eog_tokens: None,
             piece: Vec::with_capacity(64),
             ranked: Vec::new(),
+            candidates: Vec::new(),
             decoded: String::with_capacity(64),
             text: String::with_capacity(64),
             clock: 0,
@@ -415,8 +420,10 @@ impl<'m> Worker<'m> {
         let p = &job.request.sampling;
         let seed = p.seed.or(self.config.seed).unwrap_or_else(|| fastrand::u32(..));
         let penalties = p.penalties_sampler(self.info.n_vocab, &job.tokens);
-        let sampler = p.build_chain(self.model, seed, penalties);
         let grammar = job.grammar.take();
+        // A grammar checks the chain's pick against the whole vocabulary (sample_with_grammar).
+        let prefilter = grammar.is_none().then(|| Prefilter::of(p)).flatten();
+        let sampler = p.build_chain(self.model, seed, penalties, prefilter.as_ref());
         let lora = job.lora.clone();
         self.slots[slot].cached_lora = lora.clone();
         self.clock += 1;
@@ -428,6 +435,7 @@ impl<'m> Worker<'m> {
             job,
             lora,
             sampler,
+            prefilter,
             grammar,
             next_token: None,
             i_batch: None,
@@ -558,7 +566,10 @@ impl<'m> Worker<'m> {
         let a = slot.active.as_mut().expect("sampled slots are active");
         let Some(i_batch) = a.i_batch.take() else { return };
         let tok = match a.grammar.as_mut() {
-            None => a.sampler.sample(&self.ctx, i_batch),
+            None => match &a.prefilter {
+                Some(p) => sampling::sample_prefiltered(&self.ctx, i_batch, p, &mut a.sampler, &mut self.candidates),
+                None => a.sampler.sample(&self.ctx, i_batch),
+            },
             // No candidate left means the grammar is stuck; ending the generation is all that is left.
             Some(grammar) => sampling::sample_with_grammar(&self.ctx, i_batch, &mut a.sampler, grammar)
                 .unwrap_or_else(|| self.model.vocab().eos()),
