@@ -86,9 +86,9 @@ fn sampling(c: &mut Criterion) {
         chain.apply(&mut candidates);
         candidates.selected_token()
     };
-    c.bench_function("sample_262k_vocab_default_chain", |b| {
-        // llama-server's (and paddock's) default chain for temperature 0.8.
-        let mut chain = LlamaSampler::chain(
+    // llama-server's (and paddock's) default chain for temperature 0.8.
+    let default_chain = || {
+        LlamaSampler::chain(
             [
                 LlamaSampler::top_k(40),
                 LlamaSampler::top_p(0.95, 1),
@@ -97,23 +97,17 @@ fn sampling(c: &mut Criterion) {
                 LlamaSampler::dist(1),
             ],
             true,
-        );
+        )
+    };
+    c.bench_function("sample_262k_vocab_default_chain", |b| {
+        let mut chain = default_chain();
         b.iter(|| step(black_box(&mut chain)))
     });
     // The same chain from the 40 largest logits, found by paddock's prefilter (what the worker
     // does for every request whose chain allows it).
     c.bench_function("sample_262k_vocab_default_chain_prefiltered", |b| {
         let prefilter = Prefilter::of(&SamplingParams::default()).unwrap();
-        let mut chain = LlamaSampler::chain(
-            [
-                LlamaSampler::top_k(40),
-                LlamaSampler::top_p(0.95, 1),
-                LlamaSampler::min_p(0.05, 1),
-                LlamaSampler::temp(0.8),
-                LlamaSampler::dist(1),
-            ],
-            true,
-        );
+        let mut chain = default_chain();
         let mut scratch = Vec::new();
         b.iter(|| {
             prefilter.candidates(black_box(&logits), &mut scratch);
