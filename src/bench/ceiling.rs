@@ -96,18 +96,11 @@ pub fn measure(
     ];
     let mut commands = vec![command_line(batched, &batched_args)];
     let line = run(batched, &batched_args)?;
-    let number = |v: &serde_json::Value, key: &str| {
-        v[key].as_f64().ok_or_else(|| tool_error(batched, format!("no '{key}' in its output: {v}")))
+    let number = |tool: &Path, v: &serde_json::Value, key: &str| {
+        v[key].as_f64().ok_or_else(|| tool_error(tool, format!("no '{key}' in its output: {v}")))
     };
-    let (t_pp, t_tg) = (number(&line, "t_pp")?, number(&line, "t_tg")?);
-    let mut ceiling = Ceiling {
-        sequences,
-        batched_prompt_tok_s: number(&line, "speed_pp")?,
-        batched_decode_tok_s: number(&line, "speed_tg")?,
-        batched_output_tok_s: (sequences * output_tokens) as f64 / (t_pp + t_tg),
-        bench_decode_tok_s: None,
-        commands: Vec::new(),
-    };
+    let (t_pp, t_tg) = (number(batched, &line, "t_pp")?, number(batched, &line, "t_tg")?);
+    let mut bench_decode_tok_s = None;
     if sequences == 1 {
         // Flash attention as the servers have it (their "auto" turns it on where it runs;
         // llama-bench's default is off).
@@ -117,10 +110,16 @@ pub fn measure(
             "-fa", "1", "-r", "3", "-o", "jsonl",
         ];
         commands.push(command_line(bench, &bench_args));
-        ceiling.bench_decode_tok_s = Some(number(&run(bench, &bench_args)?, "avg_ts")?);
+        bench_decode_tok_s = Some(number(bench, &run(bench, &bench_args)?, "avg_ts")?);
     }
-    ceiling.commands = commands;
-    Ok(ceiling)
+    Ok(Ceiling {
+        sequences,
+        batched_prompt_tok_s: number(batched, &line, "speed_pp")?,
+        batched_decode_tok_s: number(batched, &line, "speed_tg")?,
+        batched_output_tok_s: (sequences * output_tokens) as f64 / (t_pp + t_tg),
+        bench_decode_tok_s,
+        commands,
+    })
 }
 
 /// Runs a tool and returns the last JSON line it printed.

@@ -495,6 +495,7 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
     let mut collected: Vec<Vec<(Vec<RequestRecord>, f64)>> = vec![vec![(Vec::new(), 0.0); n]; points.len()];
     let mut turns: Vec<TurnRecord> = Vec::new();
     let mut ceilings: Vec<Option<ceiling::Ceiling>> = vec![None; points.len()];
+    let ceiling_model = args.spawn_model.clone().or_else(|| args.spawn_paddock.clone()).unwrap_or_default();
     for (p, &point) in points.iter().enumerate() {
         let rounds = match args.duration {
             Some(_) if n > 1 => args.turns,
@@ -528,15 +529,14 @@ async fn run_inner(args: BenchArgs) -> Result<(), BenchError> {
         }
         if let (Some(tools), Point::Concurrency(streams)) = (&tools, point) {
             bar.set_message(format!("{} · llama-batched-bench", point.label()));
-            let model = args.spawn_model.clone().or_else(|| args.spawn_paddock.clone()).unwrap_or_default();
-            let (tools, (pp, tg)) = (tools.clone(), (args.prompt_tokens.max, args.max_tokens.max));
+            let (tools, model) = (tools.clone(), ceiling_model.clone());
+            let (pp, tg) = (args.prompt_tokens.max, args.max_tokens.max);
             let measured =
                 tokio::task::spawn_blocking(move || ceiling::measure(&tools, &model, settings, streams, pp, tg)).await;
             // The servers' figures stand without it: a tool that fails (a context too small
             // for its sequences, say) is reported, not a reason to lose the run.
-            match measured {
-                Ok(Ok(c)) => ceilings[p] = Some(c),
-                Ok(Err(e)) => eprintln!("paddock bench: no ceiling at {}: {e}", point.label()),
+            match measured.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                Ok(c) => ceilings[p] = Some(c),
                 Err(e) => eprintln!("paddock bench: no ceiling at {}: {e}", point.label()),
             }
         }

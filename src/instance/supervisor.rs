@@ -55,7 +55,7 @@ type LoadOutcome = Result<(EngineThread, oneshot::Receiver<ExitReport>), EngineE
 /// for weights in host memory it is taken off the start's path: the next model spends its first
 /// few hundred milliseconds parsing metadata and vocabulary before it maps any tensor, and the
 /// two barely overlap in memory (a cold swap's first token came 93 ms after a bare load's
-/// before, 4 ms after now). Device memory (GPU layers, RPC workers) is freed first, before the
+/// before, 4–17 ms after now). Device memory (GPU layers, RPC workers) is freed first, before the
 /// next load asks for its own.
 ///
 /// The freeing thread is a new one, and it allocates before the start goes on: glibc gives a
